@@ -1,0 +1,7 @@
+"""bitback: incremental block backup, compatible with QEMU's images, tools and QMP."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Block layer: the driver interface, the drivers, and opening images as chains."""

@@ -1,0 +1,1 @@
+"""The qcow2 format driver: mapping, allocation, refcounts, creation and checking."""

@@ -1,0 +1,91 @@
+"""Opening images: format probing, the protocol node, and the backing chain.
+
+``open_image`` is the one way tools open an image. It guards the chain against loops
+(A -> B -> A) and absurd depth, and resolves relative backing names against the directory of
+the image that names them, as QEMU does.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bitback.block.driver import BlockDriver
+from bitback.block.drivers.file import FileDriver
+from bitback.block.drivers.raw import RawDriver
+from bitback.errors import ImageFormatError, InvalidArgumentError
+
+__all__ = ["FORMATS", "MAX_CHAIN_DEPTH", "open_image", "probe_format", "resolve_backing"]
+
+FORMATS = ("qcow2", "raw")
+
+# A backing chain deeper than this is refused; real chains are far shorter, and the limit
+# keeps hostile images from exhausting file descriptors or recursion.
+MAX_CHAIN_DEPTH = 256
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_format(file: BlockDriver) -> str:
+    """Guess a format from the first bytes, as qemu-img does for qcow2 vs raw."""
+    return "qcow2" if file.pread(0, 4) == QCOW2_MAGIC else "raw"
+
+
+def resolve_backing(image_filename: str, backing: str) -> str:
+    """Backing names are relative to the directory of the image naming them."""
+    if os.path.isabs(backing) or backing.startswith("json:"):
+        return backing
+    return os.path.join(os.path.dirname(image_filename), backing)
+
+
+def open_image(
+    filename: str,
+    fmt: str | None = None,
+    *,
+    read_only: bool = False,
+    backing: bool = True,
+    _chain: tuple[str, ...] = (),
+) -> BlockDriver:
+    """Open ``filename`` as format ``fmt`` (probed when ``None``) with its backing chain.
+
+    ``backing=False`` opens the image alone (its unallocated ranges then read as zeros), as
+    ``qemu-img rebase -u`` and ``info`` need. Backing files are opened read-only.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidArgumentError(f"Unknown driver '{fmt}'")
+    real = os.path.realpath(filename)
+    if real in _chain:
+        raise ImageFormatError(
+            f"Backing chain loop: '{filename}' is its own backing file", path=filename
+        )
+    if len(_chain) >= MAX_CHAIN_DEPTH:
+        raise ImageFormatError(
+            f"Backing chain of '{filename}' is deeper than {MAX_CHAIN_DEPTH} images", path=filename
+        )
+    file = FileDriver(filename, read_only=read_only)
+    try:
+        if fmt is None:
+            fmt = probe_format(file)
+        if fmt == "raw":
+            return RawDriver(file, read_only=read_only)
+        from bitback.block.drivers.qcow2.driver import Qcow2Driver
+
+        node = Qcow2Driver(file, read_only=read_only)
+        try:
+            name = node.header.backing_file
+            if backing and name:
+                path = resolve_backing(filename, name)
+                bfmt = node.header.backing_format
+                node.backing = open_image(
+                    path,
+                    bfmt if bfmt in FORMATS else None,
+                    read_only=True,
+                    _chain=(*_chain, real),
+                )
+        except BaseException:
+            node.close()
+            raise
+        return node
+    except BaseException:
+        if not file.closed:
+            file.close()
+        raise
