@@ -217,7 +217,7 @@ def decode_header(buf: bytes) -> Header:
         if header_length > V3_MIN_HEADER_LENGTH:
             compression_type = buf[104]
     if refcount_order > 6:
-        raise ImageFormatError(f"Reference count entry width too large; may not exceed 64 bits")
+        raise ImageFormatError("Reference count entry width too large; may not exceed 64 bits")
     extensions = _decode_extensions(buf, header_length, cluster_size, backing_file_offset)
     backing_file: str | None = None
     if backing_file_offset:
@@ -281,10 +281,19 @@ def unknown_incompatible(header: Header) -> int:
 def encode_header(header: Header) -> bytes:
     """Encode the header, its extensions and the backing name as cluster-0 bytes.
 
-    Backing file offset and size are recomputed from ``header.backing_file``; the returned
-    header fields are therefore authoritative, not those passed in. Raises
-    :class:`ImageFormatError` if everything does not fit in one cluster.
+    Backing file offset and size are recomputed from ``header.backing_file``. The optional
+    feature-name table is left out when it would not fit (small clusters), as qemu-img does.
+    Raises :class:`ImageFormatError` if everything else does not fit in one cluster.
     """
+    try:
+        return _encode_header(header)
+    except ImageFormatError:
+        if header.extension(EXT_FEATURE_TABLE) is None:
+            raise
+        return _encode_header(header.with_extension(EXT_FEATURE_TABLE, None))
+
+
+def _encode_header(header: Header) -> bytes:
     out = bytearray()
     v3 = header.version >= 3
     header_length = V3_HEADER_LENGTH if v3 else V2_HEADER_LENGTH

@@ -77,7 +77,9 @@ def create_qcow2(
     if size < 0:
         raise InvalidArgumentError("Image size must be a non-negative number")
     if refcount_bits < 1 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
-        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed 64 bits")
+        raise InvalidArgumentError(
+            "Refcount width must be a power of two and may not exceed 64 bits"
+        )
     if compat in ("0.10", "v2"):
         version = 2
         if refcount_bits != 16:
@@ -86,7 +88,10 @@ def create_qcow2(
                 "(use compat=1.1 or greater)"
             )
         if lazy_refcounts:
-            raise InvalidArgumentError("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+            raise InvalidArgumentError(
+                "Lazy refcounts only supported with compatibility level 1.1 and above "
+                "(use compat=1.1 or greater)"
+            )
     elif compat in ("1.1", "v3"):
         version = 3
     else:
