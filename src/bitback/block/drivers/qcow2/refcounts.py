@@ -166,13 +166,14 @@ class RefcountTable:
         if count > 0:
             self._pending_frees.append((start, count))
 
-    def allocate(self, count: int) -> tuple[int, int]:
+    def allocate(self, count: int, *, start: int | None = None) -> tuple[int, int]:
         """Allocate up to ``count`` contiguous clusters; returns (first cluster, how many).
 
         The clusters get refcount 1 in memory. Fewer than ``count`` are returned when the
-        free run found is shorter; callers loop.
+        free run found is shorter; callers loop. ``start`` searches from there instead of
+        the hint (and leaves the hint alone).
         """
-        pos = self._hint
+        pos = self._hint if start is None else start
         while True:
             index, first = divmod(pos, self.block_entries)
             block = self._block(index, create=True)
@@ -186,21 +187,36 @@ class RefcountTable:
             rest = block[run_start : run_start + count]
             used = np.flatnonzero(rest != 0)
             n = int(used[0]) if used.size else len(rest)
-            start = index * self.block_entries + run_start
-            if (start + n) << self.cluster_bits > _MAX_HOST_OFFSET:
+            found = index * self.block_entries + run_start
+            if (found + n) << self.cluster_bits > _MAX_HOST_OFFSET:
                 raise NoSpaceError("qcow2 image file has reached its maximum size")
             block[run_start : run_start + n] = 1
             self._dirty_blocks.add(index)
-            self._hint = start + n
-            return start, n
+            if start is None:
+                self._hint = found + n
+            return found, n
 
     def allocate_contiguous(self, count: int) -> int:
-        """Allocate exactly ``count`` contiguous clusters (for tables); returns the first."""
+        """Allocate exactly ``count`` contiguous clusters (for tables); returns the first.
+
+        A run longer than one refcount block's reach would always hit the self-describing
+        first cluster of a block created for it; such blocks are moved past the run (they
+        are not on disk yet, so moving them costs nothing).
+        """
         pos = self._hint
         while True:
             end = pos + count
-            for index in range(pos // self.block_entries, (end - 1) // self.block_entries + 1):
-                self._block(index, create=True)
+            span = range(pos // self.block_entries, (end - 1) // self.block_entries + 1)
+            created = [i for i in span if self._block(i, create=False) is None]
+            for index in created:  # all first, so moving one never creates another here
+                self._create_block(index)
+            for index in created:
+                home = index * self.block_entries
+                if pos <= home < end:
+                    moved, _ = self.allocate(1, start=end)
+                    self.update(home, 1, -1)
+                    self.table[index] = np.uint64(moved * self.cluster_size)
+                    self._dirty_entries.add(index)
             counts = self.get_range(pos, count)
             used = np.flatnonzero(counts != 0)
             if used.size == 0:
@@ -216,8 +232,15 @@ class RefcountTable:
         Every cluster of a block that did not exist has refcount 0, so its first cluster is
         free, and the block counts itself: no allocation from elsewhere is needed.
         """
+        existing = self._blocks.get(index)
+        if existing is not None:
+            return existing
         if index >= len(self.table):
             self._grow_table(index + 1)
+            # Placing the grown table may itself have needed (and created) this block.
+            existing = self._blocks.get(index)
+            if existing is not None:
+                return existing
         block = np.zeros(self.block_entries, dtype=np.uint64)
         block[0] = 1
         self._blocks[index] = block
