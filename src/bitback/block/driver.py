@@ -28,7 +28,18 @@ from typing import ClassVar
 
 from bitback.errors import IOFailedError, ReadOnlyError
 
-__all__ = ["BlockDriver", "Extent"]
+__all__ = ["BlockDriver", "Extent", "fill_zero"]
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def fill_zero(dest: memoryview) -> None:
+    """Zero ``dest`` without allocating a buffer of its size."""
+    pos = 0
+    while pos < len(dest):
+        n = min(len(_ZEROS), len(dest) - pos)
+        dest[pos : pos + n] = _ZEROS[:n]
+        pos += n
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,11 @@ class BlockDriver(ABC):
     @abstractmethod
     def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``."""
+
+    def readinto(self, offset: int, dest: memoryview) -> None:
+        """Read ``len(dest)`` bytes at ``offset`` into ``dest`` (no intermediate copy where
+        the driver can avoid one)."""
+        dest[:] = self.pread(offset, len(dest))
 
     @abstractmethod
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:

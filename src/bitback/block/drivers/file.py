@@ -14,7 +14,7 @@ import errno
 import functools
 import os
 
-from bitback.block.driver import BlockDriver, Extent
+from bitback.block.driver import BlockDriver, Extent, fill_zero
 from bitback.errors import IOFailedError, NotFoundError, ReadOnlyError
 
 __all__ = ["FileDriver"]
@@ -96,6 +96,18 @@ class FileDriver(BlockDriver):
             parts.append(self.pread(pos, n))
             pos += n
         return b"".join(parts)
+
+    def readinto(self, offset: int, dest: memoryview) -> None:
+        pos = 0
+        try:
+            while pos < len(dest):
+                n = os.preadv(self.fd, [dest[pos : pos + _MAX_IO]], offset + pos)
+                if n <= 0:  # end of file: the rest reads as zeros
+                    fill_zero(dest[pos:])
+                    return
+                pos += n
+        except OSError as exc:
+            raise _io_error(exc, "read from", self.filename) from exc
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.read_only:

@@ -23,6 +23,10 @@ class RawDriver(BlockDriver):
         self.check_request(offset, length)
         return self.file.pread(offset, length)
 
+    def readinto(self, offset: int, dest: memoryview) -> None:
+        self.check_request(offset, len(dest))
+        self.file.readinto(offset, dest)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_request(offset, len(data), write=True)
         self.file.pwrite(offset, data)

@@ -233,6 +233,7 @@ def check_qcow2(path: str, *, repair: Repair | None = None) -> CheckResult:
     with CheckImage(path, writable=repair is not None) as img:
         session = _Session(img)
         first = session.run_pass(fix_leaks=repair is not None, fix_errors=repair == "all")
+        _join_unterminated(first.lines, len(img.warnings))
         if first.failure is not None or not (first.res.corruptions_fixed or first.res.leaks_fixed):
             return first.result(path)
         second = session.run_pass(fix_leaks=False, fix_errors=False)
@@ -243,6 +244,12 @@ def check_qcow2(path: str, *, repair: Repair | None = None) -> CheckResult:
             messages=first.lines + second.lines,
             recheck_from=len(first.lines),
         )
+
+
+def _join_unterminated(lines: list[str], warnings: int) -> None:
+    """QEMU prints its last open warning without a newline: the next line continues it."""
+    if warnings and len(lines) > warnings and lines[warnings - 1].startswith("Some clusters"):
+        lines[warnings - 1 : warnings + 1] = [lines[warnings - 1] + lines[warnings]]
 
 
 @dataclass
@@ -305,6 +312,7 @@ class _Session:
         lines += msgs.lines()
         pre = copy(res)
         highest, rebuild, _ = self.compare(scan, res, lines)
+        rebuild = rebuild or scan.rebuild
         if rebuild and fix_errors:
             old = copy(res)
             lines.append("Rebuilding refcount structure")
@@ -485,7 +493,7 @@ class _Session:
         entries: np.ndarray[Any, Any], refcounts: np.ndarray[Any, Any], ok: np.ndarray[Any, Any]
     ) -> list[int]:
         copied = (entries & np.uint64(COPIED)) != 0
-        return np.flatnonzero(ok & ((refcounts == 1) != copied)).tolist()  # type: ignore[no-any-return]
+        return [int(k) for k in np.flatnonzero(ok & ((refcounts == 1) != copied))]
 
     def _lookup(
         self, clusters: np.ndarray[Any, Any], lines: list[str]

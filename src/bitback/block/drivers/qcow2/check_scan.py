@@ -49,7 +49,6 @@ from bitback.block.drivers.qcow2.check_image import (
 )
 from bitback.block.drivers.qcow2.create import MAX_L1_BYTES
 from bitback.formats.qcow2.entries import (
-    COMPRESSED,
     COPIED,
     L1_OFFSET_MASK,
     L1_RESERVED,
@@ -72,7 +71,8 @@ BME_RESERVED = 0xFF00_0000_0000_01FE
 BME_MAX_TABLE_SIZE = 0x800_0000
 BME_MAX_PHYS_SIZE = 0x2000_0000
 BME_RESERVED_FLAGS = ~0x7
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gran, name, extra
+# table offset, table size, flags, type, granularity bits, name size, extra data size
+_BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 _OVERFLOW_HINT = (
     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
     "clean copy if the image cannot be opened for writing"
@@ -400,7 +400,9 @@ class ReferenceScan:
         while pos < len(raw):
             if pos + _BITMAP_ENTRY.size > len(raw) or len(out) >= ext.nb_bitmaps:
                 break
-            (t_off, t_size, flags, typ, gran, name_size, extra) = _BITMAP_ENTRY.unpack_from(raw, pos)
+            t_off, t_size, flags, typ, gran, name_size, extra = _BITMAP_ENTRY.unpack_from(
+                raw, pos
+            )
             pos += (_BITMAP_ENTRY.size + extra + name_size + 7) & ~7
             bad = (
                 pos > len(raw) or extra != 0 or t_size == 0 or t_off == 0

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from bitback.block.driver import BlockDriver, Extent
+from bitback.block.driver import BlockDriver, Extent, fill_zero
 from bitback.block.drivers.qcow2 import compress
 from bitback.block.drivers.qcow2.create import l1_entries_for
 from bitback.block.drivers.qcow2.refcounts import RefcountTable
@@ -249,27 +249,29 @@ class Qcow2Driver(BlockDriver):
                 dest = out[lo - offset : hi - offset]
                 if kind == ClusterKind.NORMAL:
                     host = int(entries[a]) & L2_OFFSET_MASK
-                    dest[:] = self.file.pread(host + lo - base - (a << self.cb), hi - lo)
+                    self.file.readinto(host + lo - base - (a << self.cb), dest)
                 elif kind == ClusterKind.UNALLOCATED:
                     self._read_unallocated(lo, dest)
                 elif kind == ClusterKind.COMPRESSED:
                     cluster = self._decompress(int(entries[a]))
                     start = lo - base - (a << self.cb)
                     dest[:] = cluster[start : start + hi - lo]
-                else:  # zero clusters: out is already zero-filled
-                    dest[:] = bytes(hi - lo)
+                else:  # zero clusters
+                    fill_zero(dest)
 
     def _read_unallocated(self, offset: int, dest: memoryview) -> None:
         """Unallocated ranges read from the backing node, zeros past its end."""
         backing = self.backing
-        if backing is None:
-            dest[:] = bytes(len(dest))
-            return
-        n = max(0, min(len(dest), backing.length() - offset))
+        n = 0 if backing is None else max(0, min(len(dest), backing.length() - offset))
         if n:
-            dest[:n] = backing.pread(offset, n)
+            assert backing is not None
+            backing.readinto(offset, dest[:n])
         if n < len(dest):
-            dest[n:] = bytes(len(dest) - n)
+            fill_zero(dest[n:])
+
+    def readinto(self, offset: int, dest: memoryview) -> None:
+        self.check_request(offset, len(dest))
+        self._read_into(offset, dest)
 
     def _decompress(self, entry: int) -> bytes:
         host, size = compressed_extent(entry, self.cb)
@@ -361,7 +363,7 @@ class Qcow2Driver(BlockDriver):
         if n:
             self._read_into(offset, dest[:n])
         if n < len(dest):
-            dest[n:] = bytes(len(dest) - n)
+            fill_zero(dest[n:])
 
     def _release(self, old: U64Array) -> None:
         """Drop the references that replaced L2 entries held (once tables are written)."""

@@ -14,14 +14,19 @@ middle leaves an image QEMU can still use (at worst with leaks):
 
 from __future__ import annotations
 
+import ctypes
 import struct
+import sys
+from collections.abc import Callable
 from dataclasses import replace
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
 from bitback.block.drivers.qcow2.check_image import (
     INCOMPAT_FIELD_OFFSET,
+    REFT_OFFSET_MASK,
     REFTABLE_FIELDS_OFFSET,
     CheckImage,
     StoredRefcounts,
@@ -37,6 +42,7 @@ from bitback.formats.qcow2.header import (
 
 __all__ = [
     "apply_refcount_updates",
+    "discard_clusters",
     "drop_bitmaps_extension",
     "mark_clean",
     "rebuild_refcount_structure",
@@ -73,10 +79,52 @@ def apply_refcount_updates(stored: StoredRefcounts, updates: dict[int, int]) -> 
             raised = True
     if raised:
         stored.img.sync()
+    freed: list[int] = []
     for index, (current, final) in targets.items():
         if bool((final < current).any()):
             stored.write_block(index, final)
+            freed.extend((np.flatnonzero((final == 0) & (current != 0)) + index * per).tolist())
     stored.img.sync()
+    discard_clusters(stored.img, freed)
+
+
+def discard_clusters(img: CheckImage, clusters: list[int]) -> None:
+    """Punch holes where freed clusters were, as QEMU's check does (best effort).
+
+    Only clusters whose refcount has just dropped to 0 (and been synced) are passed here;
+    nothing references them, so their old contents may go. Runs of clusters are merged.
+    """
+    if not clusters or _fallocate is None:
+        return
+    cs = img.cluster_size
+    runs: list[list[int]] = []
+    for c in sorted(clusters):
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    for start, stop in runs:
+        offset = start * cs
+        if offset >= img.file_len:
+            break
+        length = min(stop * cs, img.file_len) - offset
+        if _fallocate(img.fd, _PUNCH_HOLE_KEEP_SIZE, offset, length) != 0:
+            return  # not supported here: the clusters are free anyway
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], func)
+
+
+_PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_fallocate = _load_fallocate() if sys.platform.startswith("linux") else None
 
 
 def write_entries(img: CheckImage, writes: list[tuple[int, int]]) -> None:
@@ -132,6 +180,12 @@ def rebuild_refcount_structure(img: CheckImage, stored: StoredRefcounts, counts:
     placed again, until it stops growing.
     """
     plan = _RebuildPlan(img, counts)
+    # Never write over anything the current refcount structure points at, even where the
+    # checker found it broken: until the header switches, it is the image's refcount truth.
+    cs = img.cluster_size
+    plan.avoid(img.header.refcount_table_offset, img.reftable_entries * 8)
+    for entry in stored.reftable[stored.reftable != 0].tolist():
+        plan.avoid(int(entry) & REFT_OFFSET_MASK, cs)
     grown = plan.write_refblocks(0, plan.n)
     assert grown  # starting from an empty reftable, the first pass always creates it
     while True:
@@ -161,13 +215,23 @@ class _RebuildPlan:
         self.table = counts.astype(np.int64).copy()
         self.n = len(self.table)  # clusters in use by the plan; beyond: free
         self.reftable: list[int] = []
+        self.blocked = np.zeros(len(self.table), dtype=bool)  # not to be allocated
+
+    def avoid(self, offset: int, length: int) -> None:
+        """Keep the clusters of ``[offset, offset + length)`` out of the allocations."""
+        if length <= 0:
+            return
+        first = offset >> self.img.cluster_bits
+        last = (offset + length - 1) >> self.img.cluster_bits
+        if first < len(self.table):
+            self.blocked[first : min(last + 1, len(self.table))] = True
 
     def _ensure(self, size: int) -> None:
         if size > len(self.table):
             size = -(-size // self.per) * self.per
-            self.table = np.concatenate(
-                [self.table, np.zeros(size - len(self.table), dtype=np.int64)]
-            )
+            grow = size - len(self.table)
+            self.table = np.concatenate([self.table, np.zeros(grow, dtype=np.int64)])
+            self.blocked = np.concatenate([self.blocked, np.zeros(grow, dtype=bool)])
 
     def alloc(self, count: int, first_free: int) -> tuple[int, int]:
         """Allocate ``count`` contiguous free clusters at or after ``first_free``.
@@ -175,7 +239,8 @@ class _RebuildPlan:
         Returns the first cluster and the updated ``first_free`` (the first free cluster seen).
         Clusters past ``n`` are free, so a run that reaches ``n`` extends into them.
         """
-        zeros = np.flatnonzero(self.table[first_free : self.n] == 0) + first_free
+        window = slice(first_free, self.n)
+        zeros = np.flatnonzero((self.table[window] == 0) & ~self.blocked[window]) + first_free
         pos = max(self.n, first_free)
         if zeros.size:
             first_free = int(zeros[0])
