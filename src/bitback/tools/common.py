@@ -67,6 +67,6 @@ def run_tool(prog: str, main: Callable[[list[str]], int], argv: list[str] | None
     except MemoryError:
         print(f"{prog}: out of memory", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - the edge: no traceback for users
+    except Exception as exc:  # the edge: no traceback reaches users
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
