@@ -128,4 +128,4 @@ def encode_refblock(values: U64Array, refcount_order: int) -> bytes:
     v = values.astype(np.uint8).reshape(-1, per_byte)
     shifts = np.arange(per_byte, dtype=np.uint8) * bits
     packed = np.bitwise_or.reduce(v << shifts[None, :], axis=1).astype(np.uint8)
-    return packed.tobytes()
+    return bytes(packed.tobytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 from bitback.errors import ImageCorruptError, UnsupportedFeatureError
 
@@ -35,7 +36,7 @@ def decompress(raw: bytes, cluster_size: int, compression_type: int) -> bytes:
     return bytes(out[:cluster_size])
 
 
-def _zstd():  # type: ignore[no-untyped-def]
+def _zstd() -> Any:
     try:
         import zstandard
     except ImportError as exc:  # pragma: no cover - a declared dependency
