@@ -29,7 +29,14 @@ from bitback.formats.qcow2.header import (
     feature_table,
 )
 
-__all__ = ["MAX_L1_BYTES", "MAX_REFTABLE_BYTES", "create_qcow2", "l1_entries_for"]
+__all__ = [
+    "MAX_L1_BYTES",
+    "MAX_REFTABLE_BYTES",
+    "create_qcow2",
+    "l1_entries_for",
+    "layout_qcow2",
+    "validate_cluster_size",
+]
 
 # QEMU's limits (QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE): tables larger than these are refused.
 MAX_L1_BYTES = 32 << 20
@@ -73,6 +80,40 @@ def create_qcow2(
     Returns the header written. Raises :class:`InvalidArgumentError` with qemu-img's wording
     for bad parameters, before touching the file.
     """
+    header, pieces, file_length = layout_qcow2(
+        size,
+        cluster_size=cluster_size,
+        backing_file=backing_file,
+        backing_fmt=backing_fmt,
+        compat=compat,
+        refcount_bits=refcount_bits,
+        lazy_refcounts=lazy_refcounts,
+    )
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        for offset, data in pieces:
+            os.pwrite(fd, data, offset)
+        os.ftruncate(fd, file_length)
+    finally:
+        os.close(fd)
+    return header
+
+
+def layout_qcow2(
+    size: int,
+    *,
+    cluster_size: int = 65536,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    compat: str = "1.1",
+    refcount_bits: int = 16,
+    lazy_refcounts: bool = False,
+) -> tuple[Header, list[tuple[int, bytes]], int]:
+    """The bytes of a new image, without I/O: (header, [(offset, data)], file length).
+
+    The L1 table is all zeros and the file ends right after its last entry, unpadded, as
+    qemu-img leaves it; the pieces not listed read as zeros.
+    """
     cluster_bits = validate_cluster_size(cluster_size)
     if size < 0:
         raise InvalidArgumentError("Image size must be a non-negative number")
@@ -105,7 +146,7 @@ def create_qcow2(
     if backing_file is not None and len(backing_file.encode()) > 1023:
         raise InvalidArgumentError("Backing file name too long")
 
-    l1_clusters = max(1, -(-l1_size * 8 // cluster_size))
+    l1_clusters = -(-l1_size * 8 // cluster_size)  # an empty disk has no L1 table at all
     per_refblock = cluster_size * 8 // refcount_bits
     reftable_clusters = blocks = 1
     while True:  # fixed point: table + blocks must describe themselves
@@ -136,7 +177,7 @@ def create_qcow2(
         size=size,
         crypt_method=0,
         l1_size=l1_size,
-        l1_table_offset=l1_offset,
+        l1_table_offset=l1_offset if l1_size else 0,
         refcount_table_offset=reftable_offset,
         refcount_table_clusters=reftable_clusters,
         nb_snapshots=0,
@@ -154,15 +195,9 @@ def create_qcow2(
     refcounts = np.zeros(blocks * per_refblock, dtype=np.uint64)
     refcounts[:total_clusters] = 1
 
-    fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.pwrite(fd, cluster0, 0)
-        os.pwrite(fd, encode_table(reftable), reftable_offset)
-        os.pwrite(fd, encode_refblock(refcounts, refcount_order), refblocks_offset)
-        # The L1 table is all zeros; extend the file to its last entry as qemu-img does.
-        os.ftruncate(fd, l1_offset + max(l1_size, 0) * 8 if l1_size else l1_offset)
-        if l1_size == 0:
-            os.ftruncate(fd, l1_offset)
-    finally:
-        os.close(fd)
-    return header
+    pieces = [
+        (0, cluster0),
+        (reftable_offset, encode_table(reftable)),
+        (refblocks_offset, encode_refblock(refcounts, refcount_order)),
+    ]
+    return header, pieces, l1_offset + l1_size * 8
