@@ -23,6 +23,7 @@ from bitback.block.drivers.qcow2 import compress
 from bitback.block.drivers.qcow2.create import l1_entries_for
 from bitback.block.drivers.qcow2.refcounts import RefcountTable
 from bitback.block.drivers.qcow2.tables import L2Cache
+from bitback.block.drivers.qcow2.validate import check_features, check_geometry
 from bitback.errors import (
     ImageCorruptError,
     ImageFormatError,
@@ -43,13 +44,7 @@ from bitback.formats.qcow2.entries import (
 from bitback.formats.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
     EXT_BACKING_FORMAT,
-    EXT_CRYPTO,
-    EXT_DATA_FILE,
-    INCOMPAT_COMPRESSION,
     INCOMPAT_CORRUPT,
-    INCOMPAT_DATA_FILE,
-    INCOMPAT_DIRTY,
-    INCOMPAT_EXTL2,
     Header,
     decode_header,
     encode_header,
@@ -77,7 +72,7 @@ class Qcow2Driver(BlockDriver):
         first = file.pread(0, 1 << min(max(cluster_bits, 9), 21))
         header = decode_header(first)
         self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
-        self._check_features(header)
+        check_features(header, writable=not read_only)
         if self.corrupt:
             self.read_only = True  # an image marked corrupt may be read, never written
         self.header = header
@@ -88,7 +83,7 @@ class Qcow2Driver(BlockDriver):
         self.cb = header.cluster_bits
         self.cs = header.cluster_size
         self.l2_bits = self.cb - 3
-        self._check_geometry(header)
+        check_geometry(header)
         self.tables = L2Cache(
             file, cluster_bits=self.cb, l1_offset=header.l1_table_offset, l1_size=header.l1_size
         )
@@ -107,50 +102,6 @@ class Qcow2Driver(BlockDriver):
         self._meta: U64Array | None = None  # sorted metadata clusters, for overlap checks
         self._compress_next = 0
         self._decompressed: tuple[int, bytes] | None = None
-
-    # -- opening ------------------------------------------------------------------------------
-    def _check_features(self, h: Header) -> None:
-        unknown = h.incompatible_features & ~(
-            INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
-            | INCOMPAT_EXTL2
-        )
-        if unknown:
-            bits = ", ".join(str(b) for b in range(64) if unknown >> b & 1)
-            raise UnsupportedFeatureError(
-                f"Unsupported qcow2 feature(s): Unknown incompatible feature bit(s): {bits}"
-            )
-        if h.crypt_method or h.extension(EXT_CRYPTO) is not None:
-            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): encryption")
-        if h.incompatible_features & INCOMPAT_DATA_FILE or h.extension(EXT_DATA_FILE):
-            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): external data file")
-        if h.incompatible_features & INCOMPAT_EXTL2:
-            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): extended L2 entries")
-        if h.compression_type not in (compress.ZLIB, compress.ZSTD) or (
-            bool(h.incompatible_features & INCOMPAT_COMPRESSION) != (h.compression_type != 0)
-        ):
-            raise ImageFormatError(f"Invalid compression type {h.compression_type}")
-        if h.incompatible_features & INCOMPAT_DIRTY and not self.read_only:
-            raise UnsupportedFeatureError(
-                "Image is marked dirty (lazy refcounts were in use when its writer stopped); "
-                "repair it first with 'bitback-img check -r all'"
-            )
-
-    def _check_geometry(self, h: Header) -> None:
-        if h.size >> 62:
-            raise ImageFormatError("Image is too big")
-        if h.l1_size < l1_entries_for(h.size, h.cluster_bits):
-            raise ImageFormatError("L1 table is too small for the image size")
-        if h.nb_snapshots > _MAX_SNAPSHOTS:
-            raise ImageFormatError("Too many snapshots")
-        if h.snapshots_offset % self.cs:
-            raise ImageFormatError("Invalid snapshot table offset")
-        if h.l1_size and h.l1_table_offset < self.cs:
-            raise ImageCorruptError("L1 table overlaps the image header")
-        rt_start = h.refcount_table_offset
-        rt = (rt_start, rt_start + h.refcount_table_clusters * self.cs)
-        l1 = (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8)
-        if h.l1_size and rt[0] < l1[1] and l1[0] < rt[1]:
-            raise ImageCorruptError("L1 table overlaps the refcount table")
 
     # -- geometry -------------------------------------------------------------------------
     def length(self) -> int:
@@ -205,11 +156,17 @@ class Qcow2Driver(BlockDriver):
         return [(int(a), int(b), int(kinds[a])) for a, b in zip(starts, stops, strict=True)]
 
     def _check_host(self, host: int, length: int) -> None:
-        """Refuse data clusters that are unaligned, past EOF or on top of metadata."""
+        """Refuse in-place writes to data clusters that are unaligned, past EOF or on top
+        of metadata (a damaged or hostile image): QEMU's overlap check, in short."""
         if host % self.cs or host < self.cs:
             raise ImageCorruptError(f"Data cluster offset 0x{host:x} is invalid")
         if host + length > self.file.length():
             raise ImageCorruptError(f"Data cluster at 0x{host:x} is past the end of the file")
+        self._check_overlap(host, length)
+
+    def _check_overlap(self, host: int, length: int) -> None:
+        """Refuse to write data over metadata (for freshly allocated clusters this can only
+        happen when the image's refcounts wrongly say 0 for a table)."""
         if self._meta is None:
             self._meta = np.unique(
                 np.concatenate([
@@ -223,7 +180,8 @@ class Qcow2Driver(BlockDriver):
         i = int(np.searchsorted(self._meta, np.uint64(first)))
         if i < len(self._meta) and int(self._meta[i]) <= last:
             raise ImageCorruptError(
-                f"Data cluster at 0x{host:x} overlaps image metadata; refusing to write"
+                f"Cluster at 0x{host:x} overlaps image metadata (refcounts are wrong); "
+                "refusing to write"
             )
 
     # -- reading ----------------------------------------------------------------------------
@@ -349,6 +307,7 @@ class Qcow2Driver(BlockDriver):
         total = c1 - c0
         while pos < total:
             start, n = self.refcounts.allocate(total - pos)
+            self._check_overlap(start << self.cb, n << self.cb)
             piece = memoryview(buf)[pos << self.cb : (pos + n) << self.cb]
             self.file.pwrite(start << self.cb, piece)
             hosts = (np.arange(start, start + n, dtype=np.uint64) << np.uint64(self.cb))
