@@ -17,7 +17,9 @@ class RawDriver(BlockDriver):
         self.file = file
 
     def length(self) -> int:
-        return self.file.length()
+        # QEMU counts lengths in 512-byte sectors: a 1000-byte file is a 1024-byte disk whose
+        # tail reads as zeros (and grows the file when written).
+        return -(-self.file.length() // 512) * 512
 
     def pread(self, offset: int, length: int) -> bytes:
         self.check_request(offset, length)

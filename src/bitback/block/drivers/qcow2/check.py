@@ -27,6 +27,7 @@ import numpy as np
 from bitback.block.drivers.qcow2.check_image import CheckImage, StoredRefcounts, read_snapshots
 from bitback.block.drivers.qcow2.check_scan import (
     CheckFailed,
+    ClusterCounts,
     Counters,
     Messages,
     ReferenceScan,
@@ -49,7 +50,7 @@ __all__ = ["CheckResult", "check_qcow2"]
 Repair = Literal["leaks", "all"]
 
 _INT_MAX = 0x7FFF_FFFF
-_BATCH_BYTES = 32 << 20
+_BATCH_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +289,8 @@ class _Session:
         self.img = img
         self.stored = StoredRefcounts(img)
         self.signaled = False  # QEMU reports a corruption event once per open
+        # Stored refcounts (and unreadable masks) the last comparison read, per counts chunk.
+        self.windows: dict[int, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = {}
         self.open_warnings = list(img.warnings)
 
     def run_pass(self, *, fix_leaks: bool, fix_errors: bool) -> _Pass:
@@ -316,7 +319,7 @@ class _Session:
         if rebuild and fix_errors:
             old = copy(res)
             lines.append("Rebuilding refcount structure")
-            rebuild_refcount_structure(img, self.stored, scan.counts[: scan.n_mem])
+            rebuild_refcount_structure(img, self.stored, scan.counts.dense(scan.n_mem))
             res.corruptions = res.leaks = 0
             scan = ReferenceScan(img, res, msgs := Messages())
             try:
@@ -330,8 +333,7 @@ class _Session:
             highest, still_broken, updates = self.compare(scan, fresh, lines, fix_leaks=True)
             if still_broken:
                 lines.append("ERROR rebuilt refcount structure is still broken")
-            self._drop_ignored_bitmaps()
-            apply_refcount_updates(self.stored, updates)
+            self._apply(updates)
             res.corruptions_fixed += max(0, old.corruptions - res.corruptions)
             res.leaks_fixed += max(0, old.leaks - res.leaks)
             res.leaks += fresh.leaks
@@ -346,13 +348,22 @@ class _Session:
                 highest, _, updates = self.compare(
                     scan, res, lines, fix_leaks=True, fix_errors=fix_errors
                 )
-                self._drop_ignored_bitmaps()
-                apply_refcount_updates(self.stored, updates)
+                self._apply(updates)
         self.check_copied(res, lines, fix_leaks=fix_leaks, fix_errors=fix_errors)
         p.image_end_offset = (highest + 1) * img.cluster_size
         if fix_leaks and not res.check_errors and not res.corruptions:
             mark_clean(img)
         return p
+
+    def _apply(self, updates: dict[int, int]) -> None:
+        """Write refcount fixes (unlinking an ignored bitmaps extension first)."""
+        if not updates:
+            return
+        self._drop_ignored_bitmaps()
+        apply_refcount_updates(self.stored, updates)
+        chunk = ClusterCounts.CHUNK
+        for cluster, value in updates.items():
+            self.windows[cluster // chunk][0][cluster % chunk] = value
 
     def _drop_ignored_bitmaps(self) -> None:
         """Before freeing the clusters of an ignored bitmaps extension, unlink it."""
@@ -394,19 +405,35 @@ class _Session:
         (a referenced cluster has refcount 0) and the refcount updates to apply.
         """
         n = scan.n_mem
-        stored, bad = self.stored.range(n)
-        expected = scan.counts[:n].astype(np.uint64)
-        in_use = np.flatnonzero(((stored > 0) | (expected > 0)) & ~bad)
-        highest = int(in_use[-1]) if in_use.size else 0
+        chunk = ClusterCounts.CHUNK
+        self.windows = {}
+        highest = 0
+        odd: list[tuple[int, bool, int]] = []  # (cluster, unreadable, stored refcount)
+        for w in range(-(-n // chunk)):  # one chunk of counts at a time
+            lo, hi = w * chunk, min(n, (w + 1) * chunk)
+            counted = scan.counts.chunks.get(w)
+            if counted is None and not self.stored.any_block(lo, hi):
+                continue  # nothing referenced, nothing stored: all zero
+            stored, bad = self.stored.range(lo, hi)
+            self.windows[w] = (stored, bad)
+            referenced = (  # counts saturate at the refcount maximum: the cast is exact
+                np.zeros(hi - lo, stored.dtype) if counted is None
+                else counted[: hi - lo].astype(stored.dtype)
+            )
+            in_use = np.flatnonzero(((stored != 0) | (referenced != 0)) & ~bad)
+            if in_use.size:
+                highest = lo + int(in_use[-1])
+            for k in np.flatnonzero(bad | (stored != referenced)).tolist():
+                odd.append((lo + k, bool(bad[k]), int(stored[k])))
         rebuild = False
         updates: dict[int, int] = {}
-        for i in np.flatnonzero(bad | (stored != expected)).tolist():
-            if bad[i]:
+        for i, unreadable, have in odd:
+            if unreadable:
                 self._signal_corruption(lines, i // self.stored.block_entries)
                 lines.append(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += 1
                 continue
-            have, want = int(stored[i]), int(expected[i])
+            want = scan.counts.at(i)
             fixed = False
             if have == 0:
                 rebuild = True  # no refcount block to fix it in, or a block QEMU distrusts
@@ -474,9 +501,7 @@ class _Session:
         lines: list[str],
     ) -> None:
         img = self.img
-        raw = b"".join(img.read(int(off), img.cluster_size) for off in l2_offsets)
-        tables = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-        tables = tables.reshape(l2_offsets.size, img.cluster_size // 8)
+        tables = img.read_tables(l2_offsets)
         kinds = classify_entries(tables)
         rows, cols = np.nonzero((kinds == ClusterKind.NORMAL) | (kinds == ClusterKind.ZERO_ALLOC))
         entries = tables[rows, cols]
@@ -498,7 +523,24 @@ class _Session:
     def _lookup(
         self, clusters: np.ndarray[Any, Any], lines: list[str]
     ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        values, ok = self.stored.lookup(clusters)
+        """Stored refcounts of ``clusters`` (from the compared range where possible)."""
+        values = np.zeros(clusters.shape, np.uint64)
+        ok = np.ones(clusters.shape, bool)
+        windows = clusters >> np.uint64(ClusterCounts.CHUNK_BITS)
+        rest = np.ones(clusters.shape, bool)
+        for w in np.unique(windows).tolist():
+            window = self.windows.get(w)
+            if window is None:
+                continue
+            stored, bad = window
+            local = clusters - np.uint64(w * ClusterCounts.CHUNK)
+            sel = (windows == w) & (local < np.uint64(stored.size))
+            index = local[sel].astype(np.int64)
+            values[sel] = stored[index]
+            ok[sel] = ~bad[index]
+            rest &= ~sel
+        if bool(rest.any()):  # outside what the comparison read
+            values[rest], ok[rest] = self.stored.lookup(clusters[rest])
         if not bool(ok.all()):
             first = int(clusters[np.flatnonzero(~ok)[0]])
             self._signal_corruption(lines, first // self.stored.block_entries)

@@ -22,6 +22,7 @@ import errno
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -163,6 +164,20 @@ class CheckImage:
         if offset >= self.file_len:  # nothing to read: spare the allocation of the bytes
             return np.zeros(entries, dtype=np.uint64)
         return decode_table(self.read(offset, entries * 8))
+
+    def read_tables(self, offsets: U64Array) -> U64Array:
+        """One cluster-sized table at each offset, as rows of native u64 (zeros past EOF).
+
+        Reads straight into one buffer; a table listed twice is read twice (callers pass
+        batches of a few MiB).
+        """
+        cs = self.cluster_size
+        buf = bytearray(offsets.size * cs)  # zero-filled: short reads at EOF leave zeros
+        view = memoryview(buf)
+        for k, offset in enumerate(offsets.tolist()):
+            if offset < self.file_len:
+                os.preadv(self.fd, [view[k * cs : (k + 1) * cs]], offset)
+        return decode_table(buf).reshape(offsets.size, cs // 8)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` (the image must have been opened writable)."""
@@ -308,26 +323,35 @@ class StoredRefcounts:
             self._cache[offset] = cached
         return cached
 
-    def first_bad_block(self, n: int) -> int | None:
-        """Index of the first unreadable block among those covering clusters ``[0, n)``."""
-        for index in range(-(-n // self.block_entries)):
-            if self.block_offset(index) % self.img.cluster_size:
-                return index
-        return None
+    @property
+    def dtype(self) -> type[np.unsignedinteger[Any]]:
+        """The narrowest unsigned type holding every refcount of this width."""
+        order = self.img.header.refcount_order
+        return (np.uint8, np.uint8, np.uint8, np.uint8, np.uint16, np.uint32, np.uint64)[order]
 
-    def range(self, n: int) -> tuple[U64Array, BoolArray]:
-        """Stored refcounts of clusters ``[0, n)`` and the mask of those that cannot be read."""
-        values = np.zeros(n, dtype=np.uint64)
-        bad = np.zeros(n, dtype=bool)
+    def any_block(self, lo: int, hi: int) -> bool:
+        """Whether any refcount block describes a cluster of ``[lo, hi)``."""
         per = self.block_entries
-        for index in range(-(-n // per)):
-            start = index * per
-            stop = min(n, start + per)
+        return bool(self.reftable[lo // per : -(-hi // per)].any())
+
+    def range(
+        self, lo: int, hi: int
+    ) -> tuple[npt.NDArray[np.unsignedinteger[Any]], BoolArray]:
+        """Stored refcounts of clusters ``[lo, hi)`` and the mask of those that cannot be read.
+
+        The values come in :attr:`dtype` (a 1 TiB image at 64 KiB clusters: 32 MiB).
+        """
+        values = np.zeros(hi - lo, dtype=self.dtype)
+        bad = np.zeros(hi - lo, dtype=bool)
+        per = self.block_entries
+        for index in range(lo // per, -(-hi // per)):
+            start = max(lo, index * per)
+            stop = min(hi, (index + 1) * per)
             block = self.block(index)
             if block is None:
-                bad[start:stop] = True
+                bad[start - lo : stop - lo] = True
             else:
-                values[start:stop] = block[: stop - start]
+                values[start - lo : stop - lo] = block[start - index * per : stop - index * per]
         return values, bad
 
     def lookup(self, clusters: U64Array) -> tuple[U64Array, BoolArray]:
@@ -338,10 +362,13 @@ class StoredRefcounts:
             return values, ok
         blocks = clusters >> np.uint64(self.img.rb_bits)
         within = (clusters & np.uint64(self.block_entries - 1)).astype(np.int64)
-        present = blocks < np.uint64(len(self.reftable))
-        for index in np.unique(blocks[present]):
-            sel = present & (blocks == index)
-            block = self.block(int(index))
+        present = np.flatnonzero(blocks < np.uint64(len(self.reftable)))
+        uniq, inverse = np.unique(blocks[present], return_inverse=True)
+        order = np.argsort(inverse, kind="stable")  # group the clusters by refcount block
+        bounds = np.searchsorted(inverse[order], np.arange(uniq.size + 1))
+        for k, index in enumerate(uniq.tolist()):
+            sel = present[order[bounds[k] : bounds[k + 1]]]
+            block = self.block(index)
             if block is None:
                 ok[sel] = False
             else:

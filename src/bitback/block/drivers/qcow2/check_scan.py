@@ -12,9 +12,9 @@ cluster, to be compared with the refcounts the image stores. The walk visits, in
     bitmap directory -> each bitmap table -> each bitmap data cluster
     each refcount block
 
-Counting is vectorised: L2 tables are read in batches of up to 32 MiB, every reference of a
+Counting is vectorised: L2 tables are read in batches of up to 8 MiB, every reference of a
 batch becomes a row of (offset, length, sequence number), and the clusters they touch are
-added to ``counts`` with one ``np.unique`` per batch. A region is one or more clusters: a
+added to ``counts`` with one sort per batch. A region is one or more clusters: a
 compressed cluster's bytes may straddle two host clusters (each counted once for it), and
 several compressed clusters may share a host cluster (counted once per entry)::
 
@@ -22,9 +22,10 @@ several compressed clusters may share a host cluster (counted once per entry)::
     compressed A        [=====]           -> c7 += 1
     compressed B              [====]      -> c7 += 1, c8 += 1
 
-``counts`` is never larger than the file's clusters + 1: a reference reaching a cluster or
+``counts`` never covers more than the file's clusters + 1: a reference reaching a cluster or
 more past the end of the file is reported (QEMU's "counting reference for region exceeding
-the end of the file") and not counted, so a hostile image cannot make the array grow.
+the end of the file") and not counted, so a hostile image cannot make it grow; and it is
+allocated in chunks where references land, so a huge sparse file costs nothing either.
 
 Each counted cluster saturates at the image's refcount maximum; the references past it are
 reported as overflows in traversal order. The sequence numbers order the messages: every
@@ -36,6 +37,7 @@ from __future__ import annotations
 import errno
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -57,15 +59,14 @@ from bitback.formats.qcow2.entries import (
     ZERO,
     ClusterKind,
     classify,
-    decode_table,
 )
 
-__all__ = ["CheckFailed", "Counters", "Messages", "ReferenceScan", "c_hex"]
+__all__ = ["CheckFailed", "ClusterCounts", "Counters", "Messages", "ReferenceScan", "c_hex"]
 
 I64Array = npt.NDArray[np.int64]
 U64Array = npt.NDArray[np.uint64]
 
-_BATCH_BYTES = 32 << 20  # L2 tables read and classified together
+_BATCH_BYTES = 8 << 20  # L2 tables read and classified together
 BME_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 BME_RESERVED = 0xFF00_0000_0000_01FE
 BME_MAX_TABLE_SIZE = 0x800_0000
@@ -124,6 +125,59 @@ class Messages:
         return [text for _, text in sorted(self.items, key=lambda item: item[0])]
 
 
+class ClusterCounts:
+    """Reference counts per host cluster, in chunks of 2^20 clusters allocated on first use.
+
+    Memory follows the clusters actually referenced, not the file's apparent size: a sparse
+    16 TiB file with a few references costs a few MiB, not a 256M-entry array.
+    """
+
+    CHUNK_BITS = 20
+    CHUNK = 1 << CHUNK_BITS
+
+    def __init__(self, dtype: type[np.signedinteger[Any]]) -> None:
+        self.dtype = dtype
+        self.chunks: dict[int, npt.NDArray[np.signedinteger[Any]]] = {}
+
+    def _segments(self, idx: I64Array) -> list[tuple[int, Any]]:
+        """(chunk, selection of ``idx``) pairs; batches touch few chunks."""
+        cids = idx >> self.CHUNK_BITS
+        first, last = int(cids.min()), int(cids.max())
+        if first == last:
+            return [(first, slice(None))]
+        return [(int(c), cids == c) for c in np.unique(cids).tolist()]
+
+    def get(self, idx: I64Array) -> I64Array:
+        out = np.zeros(idx.size, np.int64)
+        if idx.size:
+            for cid, sel in self._segments(idx):
+                chunk = self.chunks.get(cid)
+                if chunk is not None:
+                    out[sel] = chunk[idx[sel] & (self.CHUNK - 1)]
+        return out
+
+    def put(self, idx: I64Array, values: I64Array) -> None:
+        if idx.size:
+            for cid, sel in self._segments(idx):
+                chunk = self.chunks.get(cid)
+                if chunk is None:
+                    chunk = self.chunks[cid] = np.zeros(self.CHUNK, self.dtype)
+                chunk[idx[sel] & (self.CHUNK - 1)] = values[sel]
+
+    def at(self, cluster: int) -> int:
+        chunk = self.chunks.get(cluster >> self.CHUNK_BITS)
+        return 0 if chunk is None else int(chunk[cluster & (self.CHUNK - 1)])
+
+    def dense(self, n: int) -> npt.NDArray[np.signedinteger[Any]]:
+        """Counts of clusters ``[0, n)`` as one array."""
+        out = np.zeros(n, self.dtype)
+        for cid, chunk in self.chunks.items():
+            lo = cid << self.CHUNK_BITS
+            if lo < n:
+                out[lo : min(n, lo + self.CHUNK)] = chunk[: n - lo]
+        return out
+
+
 class ReferenceScan:
     """One walk over the image's metadata, filling ``counts`` and reporting what is malformed.
 
@@ -142,9 +196,10 @@ class ReferenceScan:
         self.fix_errors = fix_errors
         self.bits = img.cluster_bits
         self.cs = img.cluster_size
-        self.counts: I64Array = np.zeros(img.nb_clusters + 1, dtype=np.int64)
-        self.n_mem = img.nb_clusters  # QEMU's nb_clusters: grows if a region ends in EOF+1
         self.rmax = min(img.refcount_max, 1 << 62)
+        # int32 halves the memory (64 MiB per TiB at 64 KiB clusters) when counts fit in it.
+        self.counts = ClusterCounts(np.int32 if self.rmax < 1 << 31 else np.int64)
+        self.n_mem = img.nb_clusters  # QEMU's nb_clusters: grows if a region ends in EOF+1
         self.rebuild = False
         self._seq = 0
 
@@ -216,12 +271,20 @@ class ReferenceScan:
             clusters += np.arange(clusters.size, dtype=np.int64) - starts
             cseqs = np.repeat(seqs, spans)
         self.n_mem = max(self.n_mem, int(clusters.max()) + 1)
-        uniq, hits = np.unique(clusters, return_counts=True)
-        total = self.counts[uniq] + hits
+        ordered = np.sort(clusters)  # a plain sort is fast on the sorted runs tables give
+        repeated = ordered[1:] == ordered[:-1]
+        if bool(repeated.any()):
+            first = np.r_[True, ~repeated]
+            uniq = ordered[first]
+            total = self.counts.get(uniq) + np.diff(np.r_[np.flatnonzero(first), ordered.size])
+        else:
+            uniq = ordered
+            total = self.counts.get(uniq) + 1
         over = total > self.rmax
         if bool(over.any()):
             self._overflow(clusters, cseqs, uniq[over])
-        self.counts[uniq] = np.minimum(total, self.rmax)
+            total = np.minimum(total, self.rmax)
+        self.counts.put(uniq, total)
 
     def _overflow(self, clusters: I64Array, seqs: I64Array, over: I64Array) -> None:
         """Report each reference that found its cluster's count already at the maximum."""
@@ -234,7 +297,7 @@ class ReferenceScan:
         idx = np.arange(c.size)
         group_start = np.maximum.accumulate(np.where(np.r_[True, c[1:] != c[:-1]], idx, 0))
         rank = idx - group_start
-        for k in np.flatnonzero(self.counts[c] + rank >= self.rmax):
+        for k in np.flatnonzero(self.counts.get(c) + rank >= self.rmax):
             key = (int(s[k]), 1, int(c[k]))
             self._corrupt(key, f"ERROR: overflow cluster offset={int(c[k]) << self.bits:#x}")
             self.msgs.add(key, _OVERFLOW_HINT)
@@ -270,17 +333,10 @@ class ReferenceScan:
                           "Table is not cluster aligned; L1 entry corrupted")
         inside = np.flatnonzero(l2_offsets < np.uint64(self.img.file_len))  # others read as 0
         if inside.size:
-            tables = self._read_tables(l2_offsets[inside])
+            tables = self.img.read_tables(l2_offsets[inside])
             self._check_l2_entries(tables, l2_offsets[inside], seqs[inside] + 1,
                                    offsets, sizes, ref_seqs, active=active)
         self._add(np.concatenate(offsets), np.concatenate(sizes), np.concatenate(ref_seqs))
-
-    def _read_tables(self, l2_offsets: U64Array) -> U64Array:
-        """The L2 tables at these offsets as rows (each distinct table read once)."""
-        uniq, inverse = np.unique(l2_offsets, return_inverse=True)
-        raw = b"".join(self.img.read(int(off), self.cs) for off in uniq)
-        tables = decode_table(raw).reshape(uniq.size, self.cs // 8)
-        return tables[inverse.reshape(-1)]
 
     def _check_l2_entries(
         self,
@@ -297,11 +353,12 @@ class ReferenceScan:
         cs, bits = self.cs, self.bits
         kinds = classify(tables)
         compressed = kinds == ClusterKind.COMPRESSED
-        for r, j in np.argwhere(~compressed & ((tables & np.uint64(L2_RESERVED)) != 0)):
+        reserved = ~compressed & ((tables & np.uint64(L2_RESERVED)) != 0)
+        for r, j in np.argwhere(reserved) if reserved.any() else ():
             self._corrupt((int(first_seqs[r]) + int(j), 0, 0),
                           f"ERROR found l2 entry with reserved bits set: {int(tables[r, j]):x}")
-        rows, cols = np.nonzero(compressed)
-        if rows.size:
+        if compressed.any():
+            rows, cols = np.nonzero(compressed)
             entries = tables[rows, cols]
             entry_seqs = first_seqs[rows] + cols
             shift = 62 - (bits - 8)
@@ -320,7 +377,8 @@ class ReferenceScan:
                 self.res.fragmented_clusters += rows.size
         allocated = (kinds == ClusterKind.NORMAL) | (kinds == ClusterKind.ZERO_ALLOC)
         host = tables & np.uint64(L2_OFFSET_MASK)
-        for r, j in np.argwhere(allocated & ((host & np.uint64(cs - 1)) != 0)):
+        unaligned = allocated & ((host & np.uint64(cs - 1)) != 0)
+        for r, j in np.argwhere(unaligned) if unaligned.any() else ():
             if self._unaligned_entry(tables, host, kinds, l2_offsets, first_seqs, int(r), int(j)):
                 allocated[r, j] = False  # repaired into a plain zero cluster: no reference left
         rows, cols = np.nonzero(allocated)
@@ -448,7 +506,7 @@ class ReferenceScan:
                 self.rebuild = self.rebuild or self.fix_errors
             else:
                 self._ref_one(offset, self.cs, seq)
-                count = int(self.counts[offset >> self.bits])
+                count = self.counts.at(offset >> self.bits)
                 if count != 1:
                     self._corrupt((seq, 2, 0), f"ERROR refcount block {i} refcount={count}")
                     self.rebuild = True

@@ -19,7 +19,7 @@ import struct
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -48,8 +48,6 @@ __all__ = [
     "rebuild_refcount_structure",
     "write_entries",
 ]
-
-I64Array = npt.NDArray[np.int64]
 
 
 def apply_refcount_updates(stored: StoredRefcounts, updates: dict[int, int]) -> None:
@@ -169,7 +167,9 @@ def drop_bitmaps_extension(img: CheckImage) -> None:
     img.header = decode_header(img.read(0, img.cluster_size))
 
 
-def rebuild_refcount_structure(img: CheckImage, stored: StoredRefcounts, counts: I64Array) -> None:
+def rebuild_refcount_structure(
+    img: CheckImage, stored: StoredRefcounts, counts: npt.NDArray[np.signedinteger[Any]]
+) -> None:
     """Write fresh refcount blocks and table from ``counts`` and switch the header to them.
 
     ``counts`` holds the expected refcount of every host cluster (the old refcount structures
@@ -209,7 +209,7 @@ def rebuild_refcount_structure(img: CheckImage, stored: StoredRefcounts, counts:
 class _RebuildPlan:
     """The in-memory refcount array a rebuild allocates from and writes out slice by slice."""
 
-    def __init__(self, img: CheckImage, counts: I64Array) -> None:
+    def __init__(self, img: CheckImage, counts: npt.NDArray[np.signedinteger[Any]]) -> None:
         self.img = img
         self.per = 1 << img.rb_bits
         self.table = counts.astype(np.int64).copy()
