@@ -498,7 +498,7 @@ def test_large_requests_go_in_chunks(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     drv = RawDriver(mem, read_only=False)
     src = tmp_path / "abc"
     src.write_bytes(b"abc")
-    ok, out, _ = run(drv, f"write -s {src} 100 2500", "read -P 0x61 9999 1", "write 9000 1001")
+    ok, out, _ = run(drv, f"write -s {src} 100 2500", "read -P 0x61 9999 1", "write 9000 1241")
     assert writes == [(100, 1000), (1100, 1000), (2100, 500)]  # the failing one wrote nothing
     assert mem.data[100:2600] == (b"abc" * 834)[:2500]
     assert no_timing(out)[-1] == "write failed: Input/output error"

@@ -36,7 +36,7 @@ from .io_ops import (
 )
 from .parsing import BDRV_REQUEST_MAX_BYTES, GetOpt
 from .report import io_report
-from .table import CommandContext, strerror
+from .table import CommandContext, report_failure
 
 __all__ = [
     "aio_read_f",
@@ -110,7 +110,7 @@ def read_f(driver: BlockDriver | None, argv: list[str], ctx: CommandContext) -> 
             raise IOFailedError("no VM state", errno=errno.ENOTSUP)
         result = do_pread(driver, offset, count, verify, keep=verbose and not quiet)
     except IO_ERRORS as exc:
-        ctx.print(f"read failed: {strerror(exc)}")
+        report_failure(ctx, "read", exc)
         return False
     ok = True
     if verify is not None and not result.matched:
@@ -162,7 +162,7 @@ def _vector_read(
     try:
         result = do_pread(driver, offset, size, verify, keep=verbose and not quiet)
     except IO_ERRORS as exc:
-        ctx.print(f"readv failed: {strerror(exc)}")
+        report_failure(ctx, "readv", exc)
         return aio  # an aio request "succeeded" once submitted
     ok = True
     if verify is not None and not result.matched:
@@ -265,7 +265,7 @@ def write_f(driver: BlockDriver | None, argv: list[str], ctx: CommandContext) ->
             do_pwrite(driver, offset, count, source)
         flush_after_write(driver, ctx, fua)
     except IO_ERRORS as exc:
-        ctx.print(f"write failed: {strerror(exc)}")
+        report_failure(ctx, "write", exc)
         return False
     elapsed = time.monotonic_ns() - start
     if not quiet:
@@ -328,7 +328,7 @@ def _vector_write(
             do_pwrite(driver, offset, size, bytes([pattern]))
         flush_after_write(driver, ctx, fua)
     except IO_ERRORS as exc:
-        ctx.print(f"{name} failed: {strerror(exc)}")
+        report_failure(ctx, name, exc)
         return aio
     elapsed = time.monotonic_ns() - start
     if not quiet:
@@ -376,7 +376,7 @@ def discard_f(driver: BlockDriver | None, argv: list[str], ctx: CommandContext) 
         if ctx.discard:  # QEMU checks the range even when discard=ignore drops the request
             driver.discard(offset, count)
     except IO_ERRORS as exc:
-        ctx.print(f"discard failed: {strerror(exc)}")
+        report_failure(ctx, "discard", exc)
         return False
     elapsed = time.monotonic_ns() - start
     if not quiet:

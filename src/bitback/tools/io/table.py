@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bitback.block.driver import BlockDriver
+from bitback.errors import ImageFormatError
 
 from .parsing import breakline
 
@@ -41,6 +42,14 @@ def strerror(exc: BaseException) -> str:
     """``strerror`` of the errno an exception carries (EIO when it carries none)."""
     code = getattr(exc, "errno", None)
     return os.strerror(code if isinstance(code, int) and code > 0 else errno.EIO)
+
+
+def report_failure(ctx: CommandContext, name: str, exc: BaseException) -> None:
+    """qemu-io's ``NAME failed: STRERROR`` line; when the image itself is damaged, first the
+    driver's one-line diagnosis on the error stream, as QEMU reports qcow2 corruption."""
+    if isinstance(exc, ImageFormatError):
+        ctx.error_report(str(exc))
+    ctx.print(f"{name} failed: {strerror(exc)}")
 
 
 @dataclass(eq=False)
@@ -160,7 +169,8 @@ class CommandTable:
             ctx.eprint(f"bad argument count {nargs} to {argv[0]}, expected {expected}")
             return False
         if cmd.writes and driver is not None and driver.read_only:
-            ctx.error_report("Block node is read-only")
+            why = " (image is marked corrupt)" if getattr(driver, "corrupt", False) else ""
+            ctx.error_report("Block node is read-only" + why)
             return False
         ctx.table = self
         return cmd.func(driver, argv, ctx)

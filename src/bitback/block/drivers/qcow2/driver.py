@@ -68,8 +68,11 @@ class Qcow2Driver(BlockDriver):
         head = file.pread(0, 104)
         if head[:4] != b"QFI\xfb":
             raise ImageFormatError("Image is not in qcow2 format", path=file.filename)
+        version = int.from_bytes(head[4:8], "big")
+        if file.length() < (72 if version == 2 else 104):
+            raise ImageFormatError("qcow2 header too short", path=file.filename)
         cluster_bits = int.from_bytes(head[20:24], "big")
-        first = file.pread(0, 1 << min(max(cluster_bits, 9), 21))
+        first = file.pread(0, min(file.length(), 1 << min(max(cluster_bits, 9), 21)))
         header = decode_header(first)
         self.corrupt = bool(header.incompatible_features & INCOMPAT_CORRUPT)
         check_features(header, writable=not read_only)

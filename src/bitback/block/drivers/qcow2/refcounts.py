@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bitback.block.driver import BlockDriver
+from bitback.block.drivers.qcow2.create import MAX_REFTABLE_BYTES
 from bitback.errors import ImageCorruptError, ImageFormatError, NoSpaceError
 from bitback.formats.qcow2.entries import (
     L1_OFFSET_MASK,
@@ -38,9 +39,8 @@ from bitback.formats.qcow2.entries import (
     refcount_max,
 )
 
-__all__ = ["MAX_REFTABLE_BYTES", "RefcountTable"]
+__all__ = ["RefcountTable"]
 
-MAX_REFTABLE_BYTES = 8 << 20  # QEMU's QCOW_MAX_REFTABLE_SIZE
 _MAX_HOST_OFFSET = 1 << 56  # host offsets are 56-bit in table entries
 
 

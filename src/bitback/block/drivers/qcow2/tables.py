@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 
 from bitback.block.driver import BlockDriver
+from bitback.block.drivers.qcow2.create import MAX_L1_BYTES
 from bitback.errors import ImageCorruptError, ImageFormatError
 from bitback.formats.qcow2.entries import (
     COPIED,
@@ -28,9 +29,8 @@ from bitback.formats.qcow2.entries import (
     encode_table,
 )
 
-__all__ = ["MAX_L1_BYTES", "L2Cache"]
+__all__ = ["L2Cache"]
 
-MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE
 _CACHE_BYTES = 32 << 20  # how much L2 data to keep cached
 
 

@@ -8,7 +8,7 @@ image could use to make a reader allocate or seek absurdly (huge or overlapping 
 from __future__ import annotations
 
 from bitback.block.drivers.qcow2 import compress
-from bitback.block.drivers.qcow2.create import l1_entries_for
+from bitback.block.drivers.qcow2.create import MAX_L1_BYTES, MAX_REFTABLE_BYTES, l1_entries_for
 from bitback.errors import ImageCorruptError, ImageFormatError, UnsupportedFeatureError
 from bitback.formats.qcow2.header import (
     EXT_CRYPTO,
@@ -21,7 +21,11 @@ from bitback.formats.qcow2.header import (
     Header,
 )
 
-__all__ = ["MAX_SNAPSHOTS", "check_features", "check_geometry"]
+__all__ = [
+    "MAX_SNAPSHOTS",
+    "check_features",
+    "check_geometry",
+]
 
 MAX_SNAPSHOTS = 65536  # QEMU's QCOW_MAX_SNAPSHOTS
 
@@ -58,6 +62,10 @@ def check_features(h: Header, *, writable: bool) -> None:
 def check_geometry(h: Header) -> None:
     """Refuse sizes and table placements that cannot be right."""
     cs = h.cluster_size
+    if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+        raise ImageFormatError("Reference count table too large")
+    if h.l1_size * 8 > MAX_L1_BYTES:
+        raise ImageFormatError("Active L1 table too large")
     if h.size >> 62:
         raise ImageFormatError("Image is too big")
     if h.l1_size < l1_entries_for(h.size, h.cluster_bits):
