@@ -11,10 +11,10 @@ import errno as _errno
 
 __all__ = [
     "BitbackError",
+    "IOFailedError",
     "ImageCorruptError",
     "ImageFormatError",
     "InvalidArgumentError",
-    "IOFailedError",
     "NoSpaceError",
     "NotFoundError",
     "ReadOnlyError",
