@@ -11,7 +11,13 @@ QEMU 7.2's ``qemu-img check`` on the same image. A check is QEMU's sequence::
     5. after any repair: check again, read-only, and report that second result
 
 The comparison and the COPIED check are vectorised over numpy arrays; only mismatches become
-Python objects. See :mod:`.repair` for the order in which repairs write.
+Python objects. The pieces::
+
+    check.py         this file: the passes, the comparison, OFLAG_COPIED
+    check_image.py   the file: open-time validation, zero-filled reads, stored refcounts
+    check_scan.py    step 1, the expected refcounts
+    check_result.py  CheckResult and qemu-img's renderings of it
+    repair.py        the writes of steps 3 and 4, in an order that is safe at every instant
 """
 
 from __future__ import annotations
@@ -19,12 +25,19 @@ from __future__ import annotations
 import errno
 import os
 from copy import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from bitback.block.drivers.qcow2.check_image import CheckImage, StoredRefcounts, read_snapshots
+from bitback.block.drivers.qcow2.check_image import (
+    INCOMPAT_FIELD_OFFSET,
+    CheckImage,
+    Snapshot,
+    StoredRefcounts,
+    read_snapshots,
+)
+from bitback.block.drivers.qcow2.check_result import CheckResult
 from bitback.block.drivers.qcow2.check_scan import (
     CheckFailed,
     ClusterCounts,
@@ -34,6 +47,7 @@ from bitback.block.drivers.qcow2.check_scan import (
     c_hex,
 )
 from bitback.block.drivers.qcow2.repair import (
+    OverlapGuard,
     apply_refcount_updates,
     drop_bitmaps_extension,
     mark_clean,
@@ -50,171 +64,7 @@ __all__ = ["CheckResult", "check_qcow2"]
 Repair = Literal["leaks", "all"]
 
 _INT_MAX = 0x7FFF_FFFF
-_BATCH_BYTES = 8 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class CheckResult:
-    """The outcome of a check, shaped like ``qemu-img check`` (fields mirror its JSON).
-
-    ``messages`` are the lines qemu-img prints on stderr, in order: those of the check (and,
-    after a repair, those of the double check, starting at index ``recheck_from``).
-    ``failure`` is the strerror text when the check could not complete (qemu-img then prints
-    ``Check failed: <failure>`` and no summary); ``supported`` is false for formats without
-    checks (exit code 63).
-    """
-
-    filename: str
-    check_errors: int = 0
-    corruptions: int = 0
-    leaks: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list[str] = field(default_factory=list)
-    format: str = "qcow2"
-    failure: str | None = None
-    recheck_from: int | None = None
-    supported: bool = True
-
-    @classmethod
-    def unsupported(cls, filename: str, format: str) -> CheckResult:
-        """The result for a format that has no consistency check (raw): exit code 63."""
-        return cls(filename=filename, format=format, supported=False)
-
-    @property
-    def exit_code(self) -> int:
-        """qemu-img's: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 unsupported."""
-        if not self.supported:
-            return 63
-        if self.failure is not None or self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        return 3 if self.leaks else 0
-
-    @property
-    def error_line(self) -> str | None:
-        """What the tool reports as its error (after ``<prog>: ``), if anything."""
-        if not self.supported:
-            return "This image format does not support checks"
-        if self.failure is not None:
-            return f"Check failed: {self.failure}"
-        return "Check failed" if self.check_errors else None
-
-    def to_json(self) -> dict[str, Any]:
-        """qemu-img's ``--output=json`` object: optional keys only when non-zero, in its order."""
-        values: dict[str, Any] = {
-            "filename": self.filename,
-            "format": self.format,
-            "check-errors": self.check_errors,
-        }
-        optional = {
-            "image-end-offset": self.image_end_offset,
-            "corruptions": self.corruptions,
-            "leaks": self.leaks,
-            "corruptions-fixed": self.corruptions_fixed,
-            "leaks-fixed": self.leaks_fixed,
-            "total-clusters": self.total_clusters,
-            "allocated-clusters": self.allocated_clusters,
-            "fragmented-clusters": self.fragmented_clusters,
-            "compressed-clusters": self.compressed_clusters,
-        }
-        values.update((k, v) for k, v in optional.items() if v)
-        # QEMU prints a QDict, whose iteration order is that of its hash buckets.
-        return {k: values[k] for k in sorted(values, key=_qdict_bucket)}
-
-    def json_text(self) -> str:
-        """qemu-img's pretty-printed JSON text, byte for byte (with the final newline)."""
-        items = [f"    {_json_str(k)}: {_json_value(v)}" for k, v in self.to_json().items()]
-        return "{\n" + ",\n".join(items) + "\n}\n"
-
-    def human(self) -> str:
-        """qemu-img's human output (its stdout), after the messages."""
-        out = []
-        if self.corruptions_fixed or self.leaks_fixed:
-            out.append(
-                "The following inconsistencies were found and repaired:\n\n"
-                f"    {self.leaks_fixed} leaked clusters\n"
-                f"    {self.corruptions_fixed} corruptions\n\n"
-                "Double checking the fixed image now...\n"
-            )
-        if self.failure is not None or not self.supported:
-            return "".join(out)
-        if not (self.corruptions or self.leaks or self.check_errors):
-            out.append("No errors were found on the image.\n")
-        if self.corruptions:
-            out.append(
-                f"\n{self.corruptions} errors were found on the image.\n"
-                "Data may be corrupted, or further writes to the image may corrupt it.\n"
-            )
-        if self.leaks:
-            out.append(
-                f"\n{self.leaks} leaked clusters were found on the image.\n"
-                "This means waste of disk space, but no harm to data.\n"
-            )
-        if self.check_errors:
-            out.append(f"\n{self.check_errors} internal errors have occurred during the check.\n")
-        if self.total_clusters and self.allocated_clusters:
-            alloc = self.allocated_clusters
-            out.append(
-                f"{alloc}/{self.total_clusters} = {alloc * 100.0 / self.total_clusters:0.2f}% "
-                f"allocated, {self.fragmented_clusters * 100.0 / alloc:0.2f}% fragmented, "
-                f"{self.compressed_clusters * 100.0 / alloc:0.2f}% compressed clusters\n"
-            )
-        if self.image_end_offset:
-            out.append(f"Image end offset: {self.image_end_offset}\n")
-        return "".join(out)
-
-    def transcript(self) -> str:
-        """stderr and stdout interleaved as on a terminal (``2>&1``), without the error line."""
-        split = len(self.messages) if self.recheck_from is None else self.recheck_from
-        text = "".join(m + "\n" for m in self.messages[:split])
-        human = self.human()
-        marker = "Double checking the fixed image now...\n"
-        if marker in human:
-            head, tail = human.split(marker, 1)
-            text += head + marker
-            human = tail
-        text += "".join(m + "\n" for m in self.messages[split:])
-        return text + human
-
-
-def _qdict_bucket(key: str) -> int:
-    """QEMU's QDict bucket of a key (tdb_hash modulo 512 buckets)."""
-    raw = key.encode()
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, ch in enumerate(raw):
-        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
-
-
-def _json_value(value: Any) -> str:
-    return _json_str(value) if isinstance(value, str) else str(value)
-
-
-def _json_str(text: str) -> str:
-    """A JSON string as QEMU writes it: non-ASCII as uppercase ``\\uXXXX`` escapes."""
-    out = ['"']
-    specials = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
-                "\t": "\\t"}
-    for ch in text:
-        cp = ord(ch)
-        if ch in specials:
-            out.append(specials[ch])
-        elif 0x20 <= cp < 0x7F:
-            out.append(ch)
-        elif cp > 0xFFFF:
-            cp -= 0x10000
-            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
-        else:
-            out.append(f"\\u{cp:04X}")
-    out.append('"')
-    return "".join(out)
+_BATCH_BYTES = 4 << 20
 
 
 # -- the check ------------------------------------------------------------------------------
@@ -289,46 +139,45 @@ class _Session:
         self.img = img
         self.stored = StoredRefcounts(img)
         self.signaled = False  # QEMU reports a corruption event once per open
+        self.dead = False  # a write was refused: QEMU makes the image unusable, so do we
+        self.guard: OverlapGuard | None = None
         # Stored refcounts (and unreadable masks) the last comparison read, per counts chunk.
         self.windows: dict[int, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = {}
         self.open_warnings = list(img.warnings)
 
     def run_pass(self, *, fix_leaks: bool, fix_errors: bool) -> _Pass:
+        """QEMU's qcow2_co_check: count, compare, repair, COPIED; never raises CheckFailed."""
         img = self.img
-        h = img.header
         res = Counters()
         lines, self.open_warnings = self.open_warnings, []
-        total = -(-(h.size // 512 * 512) // img.cluster_size)
-        p = _Pass(res, lines, total)
+        p = _Pass(res, lines, -(-(img.header.size // 512 * 512) // img.cluster_size))
+        try:
+            self._run(p, fix_leaks=fix_leaks, fix_errors=fix_errors)
+        except CheckFailed as exc:
+            p.failure = exc.errno
+        return p
+
+    def _run(self, p: _Pass, *, fix_leaks: bool, fix_errors: bool) -> None:
+        img, res, lines = self.img, p.res, p.lines
         snapshots, snapshots_size = read_snapshots(img)
         if img.nb_clusters > _INT_MAX:
             res.check_errors += 1
-            p.failure = errno.EFBIG
-            return p
-        scan = ReferenceScan(img, res, msgs := Messages(), fix_errors=fix_errors)
-        try:
-            scan.run(snapshots, snapshots_size, self.stored)
-        except CheckFailed as exc:
-            lines += msgs.lines()
-            p.failure = exc.errno
-            return p
-        lines += msgs.lines()
+            raise CheckFailed(errno.EFBIG)
+        if fix_leaks:
+            self.guard = OverlapGuard(img, self.stored.reftable, snapshots, snapshots_size)
+        scan = self._scan(snapshots, snapshots_size, res, lines, fix_errors=fix_errors)
         pre = copy(res)
         highest, rebuild, _ = self.compare(scan, res, lines)
         rebuild = rebuild or scan.rebuild
         if rebuild and fix_errors:
             old = copy(res)
             lines.append("Rebuilding refcount structure")
-            rebuild_refcount_structure(img, self.stored, scan.counts.dense(scan.n_mem))
+            rebuild_refcount_structure(
+                img, self.stored, scan.counts.dense(scan.n_mem), avoid=scan.uncounted
+            )
+            self.guard = OverlapGuard(img, self.stored.reftable, snapshots, snapshots_size)
             res.corruptions = res.leaks = 0
-            scan = ReferenceScan(img, res, msgs := Messages())
-            try:
-                scan.run(snapshots, snapshots_size, self.stored)
-            except CheckFailed as exc:
-                lines += msgs.lines()
-                p.failure = exc.errno
-                return p
-            lines += msgs.lines()
+            scan = self._scan(snapshots, snapshots_size, res, lines, fix_errors=False)
             fresh = Counters()  # the old structures are leaks now: free them
             highest, still_broken, updates = self.compare(scan, fresh, lines, fix_leaks=True)
             if still_broken:
@@ -341,54 +190,86 @@ class _Session:
             if rebuild:
                 lines.append("ERROR need to rebuild refcount structures")
                 res.check_errors += 1
-                p.failure = errno.EIO
-                return p
+                raise CheckFailed(errno.EIO)
             if res.leaks or res.corruptions:
                 res = p.res = pre
                 highest, _, updates = self.compare(
                     scan, res, lines, fix_leaks=True, fix_errors=fix_errors
                 )
                 self._apply(updates)
-        self.check_copied(res, lines, fix_leaks=fix_leaks, fix_errors=fix_errors)
         p.image_end_offset = (highest + 1) * img.cluster_size
+        self.check_copied(res, lines, fix_leaks=fix_leaks, fix_errors=fix_errors)
         if fix_leaks and not res.check_errors and not res.corruptions:
             mark_clean(img)
-        return p
+
+    def _scan(
+        self,
+        snapshots: list[Snapshot],
+        snapshots_size: int,
+        res: Counters,
+        lines: list[str],
+        *,
+        fix_errors: bool,
+    ) -> ReferenceScan:
+        msgs = Messages()
+        scan = ReferenceScan(self.img, res, msgs, fix_errors=fix_errors, may_write=self.may_write)
+        try:
+            scan.run(snapshots, snapshots_size, self.stored)
+        finally:
+            lines += msgs.lines()
+        return scan
+
+    # -- writes and corruption events -------------------------------------------------------
+
+    def may_write(
+        self, offset: int, length: int, ignore: frozenset[str]
+    ) -> tuple[bool, str | None]:
+        """Whether a repair may write there, and the corruption line to print if it may not.
+
+        A refused write marks the image corrupt (as QEMU does) and no later write happens.
+        """
+        if self.dead:
+            return False, None
+        name = self.guard.overlap(offset, length, ignore) if self.guard else None
+        if name is None:
+            return True, None
+        self.dead = True
+        return False, self._signal(f"Preventing invalid write on metadata (overlaps with {name})")
+
+    def _signal(self, what: str) -> str | None:
+        """QEMU's qcow2_signal_corruption: the line to print (first event only)."""
+        if self.signaled:
+            return None
+        self.signaled = True
+        if not self.img.writable:
+            return (f"qcow2: Image is corrupt: {what}; further non-fatal corruption events will "
+                    "be suppressed")
+        h = self.img.header
+        if h.version >= 3 and not h.incompatible_features & INCOMPAT_CORRUPT:
+            features = h.incompatible_features | INCOMPAT_CORRUPT
+            write_entries(self.img, [(INCOMPAT_FIELD_OFFSET, features)])
+            self.img.header = replace(h, incompatible_features=features)
+        return (f"qcow2: Marking image as corrupt: {what}; further corruption events will be "
+                "suppressed")
+
+    def _unreadable_block(self, lines: list[str], block: int) -> None:
+        line = self._signal(f"Refblock offset {c_hex(self.stored.block_offset(block))} unaligned "
+                            f"(reftable index: {c_hex(block)})")
+        if line:
+            lines.append(line)
 
     def _apply(self, updates: dict[int, int]) -> None:
         """Write refcount fixes (unlinking an ignored bitmaps extension first)."""
         if not updates:
             return
-        self._drop_ignored_bitmaps()
+        if self.img.bitmaps is None and self.img.header.extension(EXT_BITMAPS) is not None:
+            drop_bitmaps_extension(self.img)  # nothing may point at the clusters we free
         apply_refcount_updates(self.stored, updates)
         chunk = ClusterCounts.CHUNK
         for cluster, value in updates.items():
             self.windows[cluster // chunk][0][cluster % chunk] = value
 
-    def _drop_ignored_bitmaps(self) -> None:
-        """Before freeing the clusters of an ignored bitmaps extension, unlink it."""
-        if self.img.bitmaps is None and self.img.header.extension(EXT_BITMAPS) is not None:
-            drop_bitmaps_extension(self.img)
-
-    def _signal_corruption(self, lines: list[str], block: int) -> None:
-        """QEMU's qcow2_signal_corruption for an unaligned refcount block, once per open."""
-        if self.signaled:
-            return
-        self.signaled = True
-        what = (f"Refblock offset {c_hex(self.stored.block_offset(block))} unaligned "
-                f"(reftable index: {c_hex(block)})")
-        if self.img.writable:  # QEMU marks the image corrupt when it may write to it
-            lines.append(f"qcow2: Marking image as corrupt: {what}; further corruption events "
-                         "will be suppressed")
-            h = self.img.header
-            if h.version >= 3 and not h.incompatible_features & INCOMPAT_CORRUPT:
-                write_entries(self.img, [(72, h.incompatible_features | INCOMPAT_CORRUPT)])
-                self.img.header = replace(
-                    h, incompatible_features=h.incompatible_features | INCOMPAT_CORRUPT
-                )
-        else:
-            lines.append(f"qcow2: Image is corrupt: {what}; further non-fatal corruption "
-                         "events will be suppressed")
+    # -- comparison -------------------------------------------------------------------------
 
     def compare(
         self,
@@ -402,14 +283,15 @@ class _Session:
         """Compare stored with expected refcounts (QEMU's compare_refcounts).
 
         Returns the highest cluster in use, whether the refcount structure must be rebuilt
-        (a referenced cluster has refcount 0) and the refcount updates to apply.
+        (a referenced cluster has refcount 0) and the refcount updates to apply. Only
+        windows of clusters with references or refcount blocks are read.
         """
         n = scan.n_mem
         chunk = ClusterCounts.CHUNK
         self.windows = {}
         highest = 0
         odd: list[tuple[int, bool, int]] = []  # (cluster, unreadable, stored refcount)
-        for w in range(-(-n // chunk)):  # one chunk of counts at a time
+        for w in range(-(-n // chunk)):
             lo, hi = w * chunk, min(n, (w + 1) * chunk)
             counted = scan.counts.chunks.get(w)
             if counted is None and not self.stored.any_block(lo, hi):
@@ -429,7 +311,7 @@ class _Session:
         updates: dict[int, int] = {}
         for i, unreadable, have in odd:
             if unreadable:
-                self._signal_corruption(lines, i // self.stored.block_entries)
+                self._unreadable_block(lines, i // self.stored.block_entries)
                 lines.append(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += 1
                 continue
@@ -437,12 +319,17 @@ class _Session:
             fixed = False
             if have == 0:
                 rebuild = True  # no refcount block to fix it in, or a block QEMU distrusts
-            elif have > want:
-                fixed = fix_leaks
+            elif have > want:  # never free what a table running past EOF still covers
+                fixed = fix_leaks and not (want == 0 and scan.in_use_uncounted(i))
             else:
                 fixed = fix_errors
-            label = "Repairing" if fixed else ("ERROR" if have < want else "Leaked")
-            lines.append(f"{label} cluster {i} refcount={have} reference={want}")
+            lines.append(f"{'Repairing' if fixed else 'ERROR' if have < want else 'Leaked'} "
+                         f"cluster {i} refcount={have} reference={want}")
+            if fixed:
+                block = self.stored.block_offset(i // self.stored.block_entries)
+                fixed, line = self.may_write(block, self.img.cluster_size, _OWN_REFBLOCK)
+                if line:
+                    lines.append(line)
             if fixed:
                 updates[i] = want
                 if have > want:
@@ -455,10 +342,16 @@ class _Session:
                 res.leaks += 1
         return highest, rebuild, updates
 
+    # -- OFLAG_COPIED -----------------------------------------------------------------------
+
     def check_copied(
         self, res: Counters, lines: list[str], *, fix_leaks: bool, fix_errors: bool
     ) -> None:
-        """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1."""
+        """COPIED must be set exactly on active L1/L2 entries whose cluster has refcount 1.
+
+        Mismatches are found batch by batch; their messages and fixes then go L1 entry by
+        L1 entry, as QEMU's do (it stops at the first write it has to refuse).
+        """
         img = self.img
         h = img.header
         # With -r leaks QEMU repairs the flags only when the refcounts are now trustworthy.
@@ -468,67 +361,112 @@ class _Session:
         l1 = img.read_table(h.l1_table_offset, h.l1_size)
         l2_offsets = l1 & np.uint64(L1_OFFSET_MASK)
         used = np.flatnonzero(l2_offsets)
-        found: list[tuple[int, int, str]] = []
-        writes: list[tuple[int, int]] = []
         batch = max(1, _BATCH_BYTES // img.cluster_size)
         for start in range(0, used.size, batch):
             idx = used[start : start + batch]
             offsets = l2_offsets[idx]
+            found: dict[int, tuple[int | None, list[tuple[int, int, int]]]] = {}
             refcounts, ok = self._lookup(offsets >> np.uint64(img.cluster_bits), lines)
-            for k in self._mismatches(l1[idx], refcounts, ok):
-                i, entry, rc = int(idx[k]), int(l1[idx[k]]), int(refcounts[k])
-                found.append((i, -1, f"{verb} OFLAG_COPIED L2 cluster: l1_index={i} "
-                                     f"l1_entry={entry:x} refcount={rc}"))
-                writes.append((h.l1_table_offset + 8 * i, _fixed_copied(entry, rc)))
+            for k in _mismatches(l1[idx], refcounts, ok):
+                found[int(idx[k])] = (int(refcounts[k]), [])
             inside = np.flatnonzero(offsets < np.uint64(img.file_len))
             if inside.size:
-                self._check_l2_copied(idx[inside], offsets[inside], verb, found, writes, lines)
-        found.sort(key=lambda item: (item[0], item[1]))
-        lines.extend(text for _, _, text in found)
-        if repair:
-            res.corruptions_fixed += len(found)
-            write_entries(img, writes)
-        else:
-            res.corruptions += len(found)
+                self._l2_mismatches(idx[inside], offsets[inside], found, lines)
+            for i in sorted(found):
+                l1_rc, data = found[i]
+                self._copied_entry(res, lines, i, int(l1[i]), l1_rc, data, verb, repair)
 
-    def _check_l2_copied(
+    def _l2_mismatches(
         self,
         l1_index: np.ndarray[Any, Any],
         l2_offsets: np.ndarray[Any, Any],
-        verb: str,
-        found: list[tuple[int, int, str]],
-        writes: list[tuple[int, int]],
+        found: dict[int, tuple[int | None, list[tuple[int, int, int]]]],
         lines: list[str],
     ) -> None:
-        img = self.img
-        tables = img.read_tables(l2_offsets)
+        """Add (entry index, entry, refcount) of each wrong data entry to ``found``."""
+        tables = self.img.read_tables(l2_offsets)
         kinds = classify_entries(tables)
         rows, cols = np.nonzero((kinds == ClusterKind.NORMAL) | (kinds == ClusterKind.ZERO_ALLOC))
         entries = tables[rows, cols]
-        clusters = (entries & np.uint64(L2_OFFSET_MASK)) >> np.uint64(img.cluster_bits)
+        clusters = (entries & np.uint64(L2_OFFSET_MASK)) >> np.uint64(self.img.cluster_bits)
         refcounts, ok = self._lookup(clusters, lines)
-        for k in self._mismatches(entries, refcounts, ok):
-            r, j, entry, rc = int(rows[k]), int(cols[k]), int(entries[k]), int(refcounts[k])
-            found.append((int(l1_index[r]), j, f"{verb} OFLAG_COPIED data cluster: "
-                                               f"l2_entry={entry:x} refcount={rc}"))
-            writes.append((int(l2_offsets[r]) + 8 * j, _fixed_copied(entry, rc)))
+        for k in _mismatches(entries, refcounts, ok):
+            i = int(l1_index[rows[k]])
+            found.setdefault(i, (None, []))[1].append(
+                (int(cols[k]), int(entries[k]), int(refcounts[k]))
+            )
 
-    @staticmethod
-    def _mismatches(
-        entries: np.ndarray[Any, Any], refcounts: np.ndarray[Any, Any], ok: np.ndarray[Any, Any]
-    ) -> list[int]:
-        copied = (entries & np.uint64(COPIED)) != 0
-        return [int(k) for k in np.flatnonzero(ok & ((refcounts == 1) != copied))]
+    def _copied_entry(
+        self,
+        res: Counters,
+        lines: list[str],
+        i: int,
+        l1_entry: int,
+        l1_refcount: int | None,
+        data: list[tuple[int, int, int]],
+        verb: str,
+        repair: bool,
+    ) -> None:
+        """Report and (if ``repair``) fix the COPIED flags of one L1 entry and its L2 table."""
+        h = self.img.header
+        if l1_refcount is not None:
+            lines.append(f"{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} "
+                         f"refcount={l1_refcount}")
+            res.corruptions += 1
+            if repair:  # QEMU rewrites the 512-byte sector of the L1 table holding the entry
+                sector = h.l1_table_offset + 8 * (i // 64 * 64)
+                self._write_or_fail(res, lines, sector, 512, _OWN_L1, None)
+                write_entries(self.img, [(h.l1_table_offset + 8 * i,
+                                          _fixed_copied(l1_entry, l1_refcount))])
+                res.corruptions -= 1
+                res.corruptions_fixed += 1
+        l2_offset = l1_entry & L1_OFFSET_MASK
+        for _, entry, refcount in data:
+            lines.append(f"{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                         f"refcount={refcount}")
+        res.corruptions += len(data)
+        if repair and data:
+            self._write_or_fail(res, lines, l2_offset, self.img.cluster_size, _OWN_L2,
+                                "ERROR: Could not write L2 table; metadata overlap check failed: "
+                                "Input/output error")
+            write_entries(self.img, [(l2_offset + 8 * j, _fixed_copied(entry, rc))
+                                     for j, entry, rc in data])
+            res.corruptions -= len(data)
+            res.corruptions_fixed += len(data)
+
+    def _write_or_fail(
+        self,
+        res: Counters,
+        lines: list[str],
+        offset: int,
+        length: int,
+        own: frozenset[str],
+        error: str | None,
+    ) -> None:
+        """Pass the overlap check, or count an error and fail the check like QEMU."""
+        ok, line = self.may_write(offset, length, own)
+        if ok:
+            return
+        if line:
+            lines.append(line)
+        if error:
+            lines.append(error)
+        res.check_errors += 1
+        raise CheckFailed(errno.EIO)
 
     def _lookup(
         self, clusters: np.ndarray[Any, Any], lines: list[str]
     ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        """Stored refcounts of ``clusters`` (from the compared range where possible)."""
+        """Stored refcounts of ``clusters`` (from the compared windows where possible)."""
         values = np.zeros(clusters.shape, np.uint64)
         ok = np.ones(clusters.shape, bool)
         windows = clusters >> np.uint64(ClusterCounts.CHUNK_BITS)
         rest = np.ones(clusters.shape, bool)
-        for w in np.unique(windows).tolist():
+        if not clusters.size:
+            return values, ok
+        low, high = int(windows.min()), int(windows.max())
+        span = range(low, high + 1) if high - low < 64 else np.unique(windows).tolist()
+        for w in span:
             window = self.windows.get(w)
             if window is None:
                 continue
@@ -543,8 +481,21 @@ class _Session:
             values[rest], ok[rest] = self.stored.lookup(clusters[rest])
         if not bool(ok.all()):
             first = int(clusters[np.flatnonzero(~ok)[0]])
-            self._signal_corruption(lines, first // self.stored.block_entries)
+            self._unreadable_block(lines, first // self.stored.block_entries)
         return values, ok
+
+
+_OWN_REFBLOCK = frozenset({"refcount block"})
+_OWN_L1 = frozenset({"active L1 table"})
+_OWN_L2 = frozenset({"active L2 table"})
+
+
+def _mismatches(
+    entries: np.ndarray[Any, Any], refcounts: np.ndarray[Any, Any], ok: np.ndarray[Any, Any]
+) -> list[int]:
+    """Indices of readable entries whose COPIED flag disagrees with ``refcount == 1``."""
+    copied = (entries & np.uint64(COPIED)) != 0
+    return [int(k) for k in np.flatnonzero(ok & ((refcounts == 1) != copied))]
 
 
 def _fixed_copied(entry: int, refcount: int) -> int:

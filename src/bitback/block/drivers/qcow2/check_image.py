@@ -35,15 +35,19 @@ from bitback.formats.qcow2.header import (
     EXT_BITMAPS,
     INCOMPAT_DATA_FILE,
     INCOMPAT_EXTL2,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
     Header,
     decode_header,
     unknown_incompatible,
 )
 
 __all__ = [
+    "INCOMPAT_FIELD_OFFSET",
     "MAX_BITMAPS",
     "MAX_BITMAP_DIRECTORY",
     "MAX_SNAPSHOTS",
+    "REFTABLE_FIELDS_OFFSET",
     "REFT_OFFSET_MASK",
     "REFT_RESERVED",
     "BitmapsExtension",
@@ -91,11 +95,8 @@ class CheckImage:
         try:
             self.fd = os.open(path, flags)
         except OSError as exc:
-            raise IOFailedError(
-                f"Could not open '{path}': {os.strerror(exc.errno or errno.EIO)}",
-                errno=exc.errno or errno.EIO,
-                path=path,
-            ) from exc
+            err = exc.errno or errno.EIO
+            raise IOFailedError(os.strerror(err), errno=err, path=path) from exc
         self.warnings: list[str] = []
         try:
             self.file_len = os.fstat(self.fd).st_size
@@ -202,9 +203,10 @@ class CheckImage:
         first = self.read(0, 104)
         if first[:4] != b"QFI\xfb" or self.file_len < 72:
             raise ImageFormatError("Image is not in qcow2 format", path=self.path)
-        cluster_bits = struct.unpack_from(">I", first, 20)[0]
-        size = 1 << min(max(cluster_bits, 9), 21)
-        return decode_header(self.read(0, size))
+        version, _, _, cluster_bits = struct.unpack_from(">IQII", first, 4)
+        if version in (2, 3) and not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+            raise ImageFormatError(f"Unsupported cluster size: 2^{cluster_bits}")
+        return decode_header(self.read(0, 1 << min(max(cluster_bits, 9), 21)))
 
     def _validate(self) -> None:
         h = self.header
@@ -248,9 +250,9 @@ class CheckImage:
             else:
                 what = ("a program lacking bitmap support modified this file, so all bitmaps "
                         "are now considered inconsistent")
-            self.warnings.append(f"qemu-img: warning: {what}")
+            self.warnings.append(f"bitback-img: warning: {what}")
             self.warnings.append(
-                "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+                "Some clusters may be leaked, run 'bitback-img check -r' on the image file to fix."
             )
             return None
         nb, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", ext.data)

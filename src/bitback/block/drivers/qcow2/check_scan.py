@@ -12,7 +12,7 @@ cluster, to be compared with the refcounts the image stores. The walk visits, in
     bitmap directory -> each bitmap table -> each bitmap data cluster
     each refcount block
 
-Counting is vectorised: L2 tables are read in batches of up to 8 MiB, every reference of a
+Counting is vectorised: L2 tables are read in batches of up to 4 MiB, every reference of a
 batch becomes a row of (offset, length, sequence number), and the clusters they touch are
 added to ``counts`` with one sort per batch. A region is one or more clusters: a
 compressed cluster's bytes may straddle two host clusters (each counted once for it), and
@@ -35,7 +35,9 @@ reference and every message carries the traversal position of the entry it comes
 from __future__ import annotations
 
 import errno
+import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +68,7 @@ __all__ = ["CheckFailed", "ClusterCounts", "Counters", "Messages", "ReferenceSca
 I64Array = npt.NDArray[np.int64]
 U64Array = npt.NDArray[np.uint64]
 
-_BATCH_BYTES = 8 << 20  # L2 tables read and classified together
+_BATCH_BYTES = 4 << 20  # L2 tables read and classified together
 BME_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 BME_RESERVED = 0xFF00_0000_0000_01FE
 BME_MAX_TABLE_SIZE = 0x800_0000
@@ -78,6 +80,10 @@ _OVERFLOW_HINT = (
     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
     "clean copy if the image cannot be opened for writing"
 )
+
+
+# (offset, length, metadata kinds the write may touch) -> (allowed, line to print)
+WriteCheck = Callable[[int, int, frozenset[str]], tuple[bool, str | None]]
 
 
 class CheckFailed(Exception):
@@ -139,15 +145,18 @@ class ClusterCounts:
         self.dtype = dtype
         self.chunks: dict[int, npt.NDArray[np.signedinteger[Any]]] = {}
 
-    def _segments(self, idx: I64Array) -> list[tuple[int, Any]]:
-        """(chunk, selection of ``idx``) pairs; batches touch few chunks."""
-        cids = idx >> self.CHUNK_BITS
-        first, last = int(cids.min()), int(cids.max())
+    def _segments(self, idx: I64Array) -> list[tuple[int, slice]]:
+        """(chunk, slice of ``idx``) pairs for a *sorted* ``idx``."""
+        first, last = int(idx[0]) >> self.CHUNK_BITS, int(idx[-1]) >> self.CHUNK_BITS
         if first == last:
             return [(first, slice(None))]
-        return [(int(c), cids == c) for c in np.unique(cids).tolist()]
+        starts = np.arange(first + 1, last + 1, dtype=np.int64) << self.CHUNK_BITS
+        bounds = [0, *np.searchsorted(idx, starts).tolist(), idx.size]
+        pairs = enumerate(itertools.pairwise(bounds))
+        return [(first + k, slice(a, b)) for k, (a, b) in pairs if b > a]
 
     def get(self, idx: I64Array) -> I64Array:
+        """Counts of the clusters ``idx`` (sorted)."""
         out = np.zeros(idx.size, np.int64)
         if idx.size:
             for cid, sel in self._segments(idx):
@@ -157,6 +166,7 @@ class ClusterCounts:
         return out
 
     def put(self, idx: I64Array, values: I64Array) -> None:
+        """Set the counts of the clusters ``idx`` (sorted, distinct)."""
         if idx.size:
             for cid, sel in self._segments(idx):
                 chunk = self.chunks.get(cid)
@@ -188,9 +198,16 @@ class ReferenceScan:
     """
 
     def __init__(
-        self, img: CheckImage, res: Counters, msgs: Messages, *, fix_errors: bool = False
+        self,
+        img: CheckImage,
+        res: Counters,
+        msgs: Messages,
+        *,
+        fix_errors: bool = False,
+        may_write: WriteCheck | None = None,
     ) -> None:
         self.img = img
+        self.may_write = may_write
         self.res = res
         self.msgs = msgs
         self.fix_errors = fix_errors
@@ -202,6 +219,9 @@ class ReferenceScan:
         self.n_mem = img.nb_clusters  # QEMU's nb_clusters: grows if a region ends in EOF+1
         self.rebuild = False
         self._seq = 0
+        # Clusters inside the file of regions not counted because they run past EOF: metadata
+        # still lives there, so a repair must not free them (QEMU would, and punch them out).
+        self.uncounted: list[tuple[int, int]] = []
 
     def run(self, snapshots: list[Snapshot], snapshots_size: int, stored: StoredRefcounts) -> None:
         """Walk everything, in QEMU's order. Raises :class:`CheckFailed` like QEMU would."""
@@ -249,6 +269,12 @@ class ReferenceScan:
     def _past_eof(self, seq: int, offset: int, size: int) -> None:
         self._corrupt((seq, 1, 0), "ERROR: counting reference for region exceeding the end of "
                       f"the file by one cluster or more: offset {offset:#x} size {size:#x}")
+        if offset < self.img.file_len:
+            self.uncounted.append((offset >> self.bits, (self.img.file_len - 1) >> self.bits))
+
+    def in_use_uncounted(self, cluster: int) -> bool:
+        """Whether metadata lies in ``cluster`` although no reference to it was counted."""
+        return any(first <= cluster <= last for first, last in self.uncounted)
 
     def _add(self, offsets: I64Array, sizes: I64Array, seqs: I64Array) -> None:
         """Count regions ``[offset, offset + size)``, each for every host cluster it touches."""
@@ -309,8 +335,8 @@ class ReferenceScan:
         stride = self.cs // 8 + 1  # sequence numbers: the L1 entry, then its L2's entries
         base = self._reserve(1 + l1_size * stride)
         self._ref_one(l1_offset, l1_size * 8, base)
-        if l1_size == 0:
-            return
+        if l1_size == 0 or l1_offset >= self.img.file_len:
+            return  # a table wholly past EOF reads as zeros: no entries to look at
         l1 = self.img.read_table(l1_offset, l1_size)
         for i in np.flatnonzero(l1 & np.uint64(L1_RESERVED)):
             self._corrupt((base + 1 + int(i) * stride, 0, 0),
@@ -379,7 +405,8 @@ class ReferenceScan:
         host = tables & np.uint64(L2_OFFSET_MASK)
         unaligned = allocated & ((host & np.uint64(cs - 1)) != 0)
         for r, j in np.argwhere(unaligned) if unaligned.any() else ():
-            if self._unaligned_entry(tables, host, kinds, l2_offsets, first_seqs, int(r), int(j)):
+            if self._unaligned_entry(tables, host, kinds, l2_offsets, first_seqs, int(r), int(j),
+                                     active=active):
                 allocated[r, j] = False  # repaired into a plain zero cluster: no reference left
         rows, cols = np.nonzero(allocated)
         if rows.size:
@@ -405,6 +432,8 @@ class ReferenceScan:
         first_seqs: I64Array,
         r: int,
         j: int,
+        *,
+        active: bool,
     ) -> bool:
         """Report an allocated L2 entry at an unaligned host offset; True if repaired away."""
         key = (int(first_seqs[r]) + j, 0, 0)
@@ -419,7 +448,18 @@ class ReferenceScan:
         if not self.fix_errors:
             return False
         # A zero cluster with no host cluster reads the same and references nothing.
-        self.img.write(int(l2_offsets[r]) + 8 * j, struct.pack(">Q", ZERO))
+        where = int(l2_offsets[r]) + 8 * j
+        if self.may_write is not None:
+            own = frozenset({"active L2 table" if active else "inactive L2 table"})
+            allowed, line = self.may_write(where, 8, own)
+            if line:
+                self.msgs.add(key, line)
+            if not allowed:  # QEMU gives up on the whole check
+                self.msgs.add(key, "ERROR: Overlap check failed")
+                self.res.check_errors += 1
+                raise CheckFailed(errno.EIO)
+        self.img.write(where, struct.pack(">Q", ZERO))
+        self.img.sync()  # durable before any refcount it released is lowered
         tables[r, j] = ZERO
         self.res.corruptions -= 1
         self.res.corruptions_fixed += 1

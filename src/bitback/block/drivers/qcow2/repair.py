@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -29,9 +29,10 @@ from bitback.block.drivers.qcow2.check_image import (
     REFT_OFFSET_MASK,
     REFTABLE_FIELDS_OFFSET,
     CheckImage,
+    Snapshot,
     StoredRefcounts,
 )
-from bitback.formats.qcow2.entries import encode_refblock, encode_table
+from bitback.formats.qcow2.entries import L1_OFFSET_MASK, encode_refblock, encode_table
 from bitback.formats.qcow2.header import (
     EXT_BITMAPS,
     INCOMPAT_CORRUPT,
@@ -41,6 +42,7 @@ from bitback.formats.qcow2.header import (
 )
 
 __all__ = [
+    "OverlapGuard",
     "apply_refcount_updates",
     "discard_clusters",
     "drop_bitmaps_extension",
@@ -168,12 +170,17 @@ def drop_bitmaps_extension(img: CheckImage) -> None:
 
 
 def rebuild_refcount_structure(
-    img: CheckImage, stored: StoredRefcounts, counts: npt.NDArray[np.signedinteger[Any]]
+    img: CheckImage,
+    stored: StoredRefcounts,
+    counts: npt.NDArray[np.signedinteger[Any]],
+    *,
+    avoid: Sequence[tuple[int, int]] = (),
 ) -> None:
     """Write fresh refcount blocks and table from ``counts`` and switch the header to them.
 
     ``counts`` holds the expected refcount of every host cluster (the old refcount structures
-    included, so nothing new lands on them). Placement follows QEMU 7.2: each refcount block
+    included, so nothing new lands on them); ``avoid`` lists further (first, last) cluster
+    ranges in use although not counted. Placement follows QEMU 7.2: each refcount block
     goes to the first unreferenced cluster at or after the start of the range it describes
     (never inside a range already written), the table to the first run of unreferenced
     clusters long enough; if the table itself needs a refcount block the table grows and is
@@ -186,6 +193,8 @@ def rebuild_refcount_structure(
     plan.avoid(img.header.refcount_table_offset, img.reftable_entries * 8)
     for entry in stored.reftable[stored.reftable != 0].tolist():
         plan.avoid(int(entry) & REFT_OFFSET_MASK, cs)
+    for first, last in avoid:  # metadata the count missed (tables running past EOF)
+        plan.avoid(first * cs, (last - first + 1) * cs)
     grown = plan.write_refblocks(0, plan.n)
     assert grown  # starting from an empty reftable, the first pass always creates it
     while True:
@@ -212,7 +221,7 @@ class _RebuildPlan:
     def __init__(self, img: CheckImage, counts: npt.NDArray[np.signedinteger[Any]]) -> None:
         self.img = img
         self.per = 1 << img.rb_bits
-        self.table = counts.astype(np.int64).copy()
+        self.table = counts.astype(np.int64)  # a copy: allocations mark it
         self.n = len(self.table)  # clusters in use by the plan; beyond: free
         self.reftable: list[int] = []
         self.blocked = np.zeros(len(self.table), dtype=bool)  # not to be allocated
@@ -292,3 +301,64 @@ class _RebuildPlan:
             self.img.write(offset, encode_refblock(values, self.img.header.refcount_order))
             cluster = block_start + self.per
         return grown
+
+
+class OverlapGuard:
+    """QEMU's metadata overlap check: may a repair write ``[offset, offset + length)``?
+
+    Built from the image's metadata at the start of a pass. A write is widened to whole
+    clusters and refused if it touches metadata of a kind it does not own (a refcount block
+    write may touch refcount blocks, an L2 write active L2 tables, ...). The kinds are tried
+    in QEMU's order, which decides the name reported.
+    """
+
+    ORDER = ("qcow2_header", "active L1 table", "refcount table", "snapshot table",
+             "inactive L1 table", "active L2 table", "refcount block", "bitmap directory")
+
+    def __init__(
+        self,
+        img: CheckImage,
+        reftable: npt.NDArray[np.uint64],
+        snapshots: list[Snapshot],
+        snapshots_size: int,
+    ) -> None:
+        h = img.header
+        self.cluster_size = img.cluster_size
+        l1 = img.read_table(h.l1_table_offset, h.l1_size)
+        l2 = l1 & np.uint64(L1_OFFSET_MASK)
+        blocks = reftable & np.uint64(REFT_OFFSET_MASK)
+        dirs = [(img.bitmaps.directory_offset, img.bitmaps.directory_size)] if img.bitmaps else []
+        cs = img.cluster_size
+        self.regions = {
+            "active L1 table": _regions([(h.l1_table_offset, h.l1_size * 8)]),
+            "refcount table": _regions([(h.refcount_table_offset, img.reftable_entries * 8)]),
+            "snapshot table": _regions([(h.snapshots_offset, snapshots_size)]),
+            "inactive L1 table": _regions([(s.l1_table_offset, s.l1_size * 8) for s in snapshots]),
+            "active L2 table": _regions([(int(o), cs) for o in l2[l2 != 0].tolist()]),
+            "refcount block": _regions([(int(o), cs) for o in blocks[blocks != 0].tolist()]),
+            "bitmap directory": _regions(dirs),
+        }
+
+    def overlap(self, offset: int, length: int, ignore: frozenset[str] = frozenset()) -> str | None:
+        """The kind of metadata the write would overwrite, or ``None`` if it is safe."""
+        if length <= 0:
+            return None
+        if "qcow2_header" not in ignore and offset < self.cluster_size:
+            return "qcow2_header"
+        cs = self.cluster_size
+        start = offset // cs * cs
+        end = -(-(offset + length) // cs) * cs
+        for name in self.ORDER[1:]:
+            if name in ignore:
+                continue
+            starts, ends = self.regions[name]
+            if bool(((starts < end) & (ends > start)).any()):
+                return name
+        return None
+
+
+def _regions(spans: list[tuple[int, int]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Start and end arrays of the non-empty spans (spans beyond 2^62 cannot be written)."""
+    kept = [(o, o + n) for o, n in spans if n > 0 and o < 1 << 62]
+    return (np.array([a for a, _ in kept], dtype=np.int64),
+            np.array([b for _, b in kept], dtype=np.int64))
