@@ -12,7 +12,7 @@ import os
 from bitback.block.driver import BlockDriver
 from bitback.block.drivers.file import FileDriver
 from bitback.block.drivers.raw import RawDriver
-from bitback.errors import ImageFormatError, InvalidArgumentError
+from bitback.errors import ImageCorruptError, ImageFormatError, InvalidArgumentError
 
 __all__ = ["FORMATS", "MAX_CHAIN_DEPTH", "open_image", "probe_format", "resolve_backing"]
 
@@ -35,6 +35,29 @@ def resolve_backing(image_filename: str, backing: str) -> str:
     if os.path.isabs(backing) or backing.startswith("json:"):
         return backing
     return os.path.join(os.path.dirname(image_filename), backing)
+
+
+def _qcow2_dirty(file: BlockDriver) -> bool:
+    """Whether a qcow2 v3 header carries the dirty bit (lazy refcounts left unsynced)."""
+    head = file.pread(0, 80)
+    return int.from_bytes(head[4:8], "big") >= 3 and bool(head[79] & 1)
+
+
+def _repair_dirty(filename: str) -> None:
+    """Rebuild the refcounts of an image left dirty, as QEMU does on a read-write open.
+
+    A writer using lazy refcounts died: its refcounts may be too low, so they must be
+    recomputed before anything is allocated. The repair clears the dirty bit when it succeeds.
+    """
+    from bitback.block.drivers.qcow2.check import check_qcow2
+
+    result = check_qcow2(filename, repair="all")
+    if result.failure is not None or result.corruptions or result.check_errors:
+        raise ImageCorruptError(
+            f"'{filename}' was left dirty and its refcounts could not be repaired "
+            f"({result.corruptions} corruptions remain)",
+            path=filename,
+        )
 
 
 def open_image(
@@ -68,6 +91,11 @@ def open_image(
         if fmt == "raw":
             return RawDriver(file, read_only=read_only)
         from bitback.block.drivers.qcow2.driver import Qcow2Driver
+
+        if not read_only and _qcow2_dirty(file):
+            file.close()
+            _repair_dirty(filename)
+            file = FileDriver(filename, read_only=read_only)
 
         node = Qcow2Driver(file, read_only=read_only)
         try:

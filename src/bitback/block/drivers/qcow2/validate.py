@@ -53,6 +53,7 @@ def check_features(h: Header, *, writable: bool) -> None:
     ):
         raise ImageFormatError(f"Invalid compression type {h.compression_type}")
     if h.incompatible_features & INCOMPAT_DIRTY and writable:
+        # open_image repairs such images first; a caller bypassing it gets this.
         raise UnsupportedFeatureError(
             "Image is marked dirty (lazy refcounts were in use when its writer stopped); "
             "repair it first with 'bitback-img check -r all'"
