@@ -126,17 +126,17 @@ def layout_qcow2(
         if refcount_bits != 16:
             raise InvalidArgumentError(
                 "Different refcount widths than 16 bits require compatibility level 1.1 or above "
-                "(use compat=1.1 or greater)"
+                "(use version=v3 or greater)"
             )
         if lazy_refcounts:
             raise InvalidArgumentError(
                 "Lazy refcounts only supported with compatibility level 1.1 and above "
-                "(use compat=1.1 or greater)"
+                "(use version=v3 or greater)"
             )
     elif compat in ("1.1", "v3"):
         version = 3
     else:
-        raise InvalidArgumentError(f"Invalid parameter '{compat}'")
+        raise InvalidArgumentError(f"Parameter 'version' does not accept value '{compat}'")
     refcount_order = refcount_bits.bit_length() - 1
     l1_size = l1_entries_for(size, cluster_bits)
     if l1_size * 8 > MAX_L1_BYTES:
@@ -167,7 +167,7 @@ def layout_qcow2(
     exts: list[Extension] = []
     if backing_file is not None and backing_fmt is not None:
         exts.append(Extension(EXT_BACKING_FORMAT, backing_fmt.encode()))
-    if version == 3:
+    if version == 3 and cluster_size > 4096:  # qemu-img 7.2 leaves it out of small clusters
         exts.append(Extension(EXT_FEATURE_TABLE, feature_table()))
     header = Header(
         version=version,

@@ -535,9 +535,16 @@ class Qcow2Driver(BlockDriver):
             n = min(length, (stop << (self.l2_bits + self.cb)) - offset)
             return Extent(offset, n, allocated=False, zero=self.backing is None, data=False)
         count = min(span_end, offset + length) - (offset & ~(self.cs - 1))
-        count = min(-(-count // self.cs), 4096)  # longer runs are reported in pieces
-        entries = table[first : first + count]
-        _, b, kind = self._runs(entries, for_write=False)[0]
+        count = -(-count // self.cs)
+        # Look at a small window first and widen it only while the first run fills it, so a
+        # fragmented table costs O(run length) per call, not O(table).
+        window = 64
+        while True:
+            entries = table[first : first + min(count, window)]
+            _, b, kind = self._runs(entries, for_write=False)[0]
+            if b < len(entries) or len(entries) == count:
+                break
+            window *= 8
         n = min(offset + length, span_end, ((offset >> self.cb) + b) << self.cb) - offset
         entry = int(entries[0])
         host = entry & L2_OFFSET_MASK

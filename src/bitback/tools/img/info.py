@@ -1,0 +1,184 @@
+"""``bitback-img info``: what ``qemu-img info`` prints, human or JSON, alone or per chain.
+
+The image is opened without its backing file (a missing backing file is not an error here);
+``--backing-chain`` then opens each backing file in turn, by its resolved name and stored
+format. JSON keys are QEMU's (``ImageInfo``), in the order its QDict prints them; the human
+form is ``bdrv_image_info_dump``'s, format-specific data included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bitback.block.chain import backing_of, virtual_size
+from bitback.block.driver import BlockDriver
+from bitback.block.open import resolve_backing
+from bitback.errors import BitbackError, InvalidArgumentError
+from bitback.tools.img.images import open_img
+from bitback.tools.img.options import HelpRequested, OptSpec, UsageError, getopt, output_format
+from bitback.tools.img.qjson import dumps_pretty, qdict_order
+
+__all__ = ["dump_human", "image_info", "img_info", "size_to_str"]
+
+SPEC = OptSpec(
+    "f:hU",
+    {
+        "help": (False, "h"),
+        "format": (True, "f"),
+        "output": (True, "output"),
+        "backing-chain": (False, "backing-chain"),
+        "force-share": (False, "U"),
+    },
+)
+
+_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def size_to_str(value: int) -> str:
+    """QEMU's ``size_to_str``: three significant digits, and a unit chosen so the number
+    stays below 1000 (1000 KiB prints as ``0.977 MiB``)."""
+    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    i = int((exp - 1) / 10)  # C division: truncates toward zero
+    return f"{value / (1 << (i * 10)):0.3g} {_SUFFIXES[i]}B"
+
+
+def _format_specific(node: BlockDriver) -> dict[str, object] | None:
+    """``format-specific`` ({type, data}) for formats that have it (qcow2)."""
+    if node.format_name != "qcow2":
+        return None
+    data = node.format_specific_info()
+    return {"type": node.format_name, "data": data}
+
+
+def image_info(node: BlockDriver, filename: str) -> dict[str, Any]:
+    """QEMU's ``ImageInfo`` of one opened node, keys inserted in QAPI order."""
+    info: dict[str, Any] = {"filename": filename, "format": node.format_name}
+    header = getattr(node, "header", None)
+    if header is not None:
+        info["dirty-flag"] = bool(header.incompatible_features & 1)
+    else:
+        info["dirty-flag"] = False
+    actual = node.allocated_file_size()
+    if actual is not None:
+        info["actual-size"] = actual
+    info["virtual-size"] = virtual_size(node)
+    if node.cluster_size is not None:
+        info["cluster-size"] = node.cluster_size
+    name, fmt = backing_of(node)
+    if name:
+        info["backing-filename"] = name
+        info["full-backing-filename"] = resolve_backing(filename, name)
+        if fmt is not None:
+            info["backing-filename-format"] = fmt
+    specific = _format_specific(node)
+    if specific is not None:
+        info["format-specific"] = specific
+    return info
+
+
+def collect(filename: str, fmt: str | None, chain: bool) -> list[dict[str, Any]]:
+    """Info for the image and, with ``chain``, each backing file below it."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current: str | None = filename
+    while current is not None:
+        if current in seen:
+            raise InvalidArgumentError(f"Backing file '{current}' creates an infinite loop.")
+        seen.add(current)
+        with open_img(current, fmt, backing=False) as node:
+            info = image_info(node, current)
+        out.append(info)
+        current, fmt = None, None
+        if chain:
+            if "full-backing-filename" in info:
+                current = info["full-backing-filename"]
+            elif "backing-filename" in info:
+                raise BitbackError(
+                    "Could not determine absolute backing filename, but backing filename "
+                    f"'{info['backing-filename']}' present"
+                )
+            fmt = info.get("backing-filename-format")
+    return out
+
+
+def _dump_value(value: object, indent: int, out: list[str]) -> None:
+    """QEMU's ``dump_qobject``: scalars inline, dicts and lists one entry per line."""
+    if isinstance(value, dict):
+        for key in qdict_order(value):
+            item = value[key]
+            composite = isinstance(item, (dict, list))
+            out.append(f"{' ' * indent * 4}{key.replace('-', ' ')}:{chr(10) if composite else ' '}")
+            _dump_value(item, indent + 1, out)
+            if not composite:
+                out.append("\n")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            composite = isinstance(item, (dict, list))
+            out.append(f"{' ' * indent * 4}[{i}]:{chr(10) if composite else ' '}")
+            _dump_value(item, indent + 1, out)
+            if not composite:
+                out.append("\n")
+    elif isinstance(value, bool):
+        out.append("true" if value else "false")
+    else:
+        out.append(str(value))
+
+
+def dump_human(info: dict[str, Any]) -> str:
+    """``bdrv_image_info_dump``: the human text of one image."""
+    vsize = info["virtual-size"]
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {size_to_str(vsize)} ({vsize} bytes)",
+        "disk size: "
+        + (size_to_str(info["actual-size"]) if "actual-size" in info else "unavailable"),
+    ]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    text = "\n".join(lines) + "\n"
+    specific = info.get("format-specific")
+    if specific is not None:
+        out: list[str] = []
+        _dump_value(specific["data"], 1, out)
+        text += "Format specific information:\n" + "".join(out)
+    return text
+
+
+def img_info(argv: list[str]) -> int:
+    """``info [-f fmt] [--output=human|json] [--backing-chain] [-U] FILE``."""
+    opts, operands = getopt(argv, SPEC)
+    fmt: str | None = None
+    chain = False
+    output = "human"
+    for key, value in opts:
+        if key == "h":
+            raise HelpRequested
+        if key == "f":
+            fmt = value
+        elif key == "output":
+            assert value is not None
+            output = output_format(value)
+        elif key == "backing-chain":
+            chain = True
+    if len(operands) != 1:
+        raise UsageError("Expecting one image file name")
+    infos = collect(operands[0], fmt, chain)
+    if output == "json":
+        print(dumps_pretty(infos if chain else infos[0]))
+    else:
+        print("\n".join(dump_human(info) for info in infos), end="")
+    return 0
