@@ -132,8 +132,13 @@ def open_chain(
             depth += 1
             path = resolve_backing(node.filename, name)
             real = os.path.realpath(path)
+            if depth > MAX_CHAIN_DEPTH:
+                raise ImageFormatError(
+                    f"Backing chain of '{filename}' is deeper than {MAX_CHAIN_DEPTH} images",
+                    path=filename,
+                )
             try:
-                if real in seen or depth > MAX_CHAIN_DEPTH:
+                if real in seen:
                     raise ImageFormatError(f"Backing file '{path}' creates an infinite loop.")
                 seen.add(real)
                 child = _open_one(

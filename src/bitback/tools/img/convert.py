@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from bitback.block.chain import readinto, status_above, virtual_size
 from bitback.block.driver import BlockDriver
-from bitback.errors import BitbackError, InvalidArgumentError
+from bitback.errors import BitbackError, ImageFormatError, InvalidArgumentError
 from bitback.tools.img.create import (
     has_help_option,
     make_qcow2,
@@ -59,6 +59,12 @@ SPEC = OptSpec(
     "hf:O:B:CcF:o:S:pt:T:qnm:WUr:",
     {"help": (False, "h"), "target-is-zero": (False, "target-is-zero")},
 )
+
+
+def _why(exc: BitbackError) -> str:
+    """qemu-img's strerror text, plus the driver's diagnosis when the image is damaged."""
+    text = os.strerror(exc.errno)
+    return f"{text} ({exc})" if isinstance(exc, ImageFormatError) else text
 
 
 Flags = npt.NDArray[np.bool_]
@@ -139,7 +145,7 @@ class _Copy:
                 st = status_above(src, base, offset, n * SECTOR)
             except BitbackError as exc:
                 raise BitbackError(
-                    f"error while reading block status at offset {offset}: {os.strerror(exc.errno)}"
+                    f"error while reading block status at offset {offset}: {_why(exc)}"
                 ) from exc
             n = -(-st.length // SECTOR)
             tail = (sector - cur_start + n) % self.src_align[cur]
@@ -321,7 +327,7 @@ class _Copy:
                     self._read(sector, count)
                 except BitbackError as exc:
                     raise BitbackError(
-                        f"error while reading at byte {sector * SECTOR}: {os.strerror(exc.errno)}"
+                        f"error while reading at byte {sector * SECTOR}: {_why(exc)}"
                     ) from exc
             elif not self.plan.min_sparse and kind is Kind.ZERO:
                 kind = Kind.DATA

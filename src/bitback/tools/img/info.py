@@ -13,8 +13,8 @@ from typing import Any
 
 from bitback.block.chain import backing_of, virtual_size
 from bitback.block.driver import BlockDriver
-from bitback.block.open import resolve_backing
-from bitback.errors import BitbackError, InvalidArgumentError
+from bitback.block.open import MAX_CHAIN_DEPTH, resolve_backing
+from bitback.errors import BitbackError, ImageFormatError, InvalidArgumentError
 from bitback.tools.img.images import open_img
 from bitback.tools.img.options import HelpRequested, OptSpec, UsageError, getopt, output_format
 from bitback.tools.img.qjson import dumps_pretty, qdict_order
@@ -83,6 +83,10 @@ def collect(filename: str, fmt: str | None, chain: bool) -> list[dict[str, Any]]
     seen: set[str] = set()
     current: str | None = filename
     while current is not None:
+        if len(out) > MAX_CHAIN_DEPTH:
+            raise ImageFormatError(
+                f"Backing chain of '{filename}' is deeper than {MAX_CHAIN_DEPTH} images"
+            )
         if current in seen:
             raise InvalidArgumentError(f"Backing file '{current}' creates an infinite loop.")
         seen.add(current)
