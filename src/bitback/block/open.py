@@ -14,7 +14,14 @@ from bitback.block.drivers.file import FileDriver
 from bitback.block.drivers.raw import RawDriver
 from bitback.errors import ImageCorruptError, ImageFormatError, InvalidArgumentError
 
-__all__ = ["FORMATS", "MAX_CHAIN_DEPTH", "open_image", "probe_format", "resolve_backing"]
+__all__ = [
+    "FORMATS",
+    "MAX_CHAIN_DEPTH",
+    "ignore_flushes",
+    "open_image",
+    "probe_format",
+    "resolve_backing",
+]
 
 FORMATS = ("qcow2", "raw")
 
@@ -35,6 +42,17 @@ def resolve_backing(image_filename: str, backing: str) -> str:
     if os.path.isabs(backing) or backing.startswith("json:"):
         return backing
     return os.path.join(os.path.dirname(image_filename), backing)
+
+
+def ignore_flushes(node: BlockDriver) -> None:
+    """Cache mode ``unsafe`` for ``node``: its protocol file skips fsync on flush.
+
+    qemu-img convert writes its target this way by default; metadata is still written in
+    the crash-safe order, so only a host crash (not a process crash) can lose data.
+    """
+    file = getattr(node, "file", node)
+    if isinstance(file, FileDriver):
+        file.ignore_flush = True
 
 
 def _qcow2_dirty(file: BlockDriver) -> bool:

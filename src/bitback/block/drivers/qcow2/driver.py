@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import numpy.typing as npt
 
 from bitback.block.driver import BlockDriver, Extent, fill_zero
 from bitback.block.drivers.qcow2 import compress
@@ -105,6 +106,11 @@ class Qcow2Driver(BlockDriver):
         self._meta: U64Array | None = None  # sorted metadata clusters, for overlap checks
         self._compress_next = 0
         self._decompressed: tuple[int, bytes] | None = None
+        # Per L2 table: (table, generation, run starts, run stops, run kinds); see _read_runs.
+        self._run_index: dict[
+            int, tuple[U64Array, int, npt.NDArray[np.int64], npt.NDArray[np.int64],
+                       npt.NDArray[np.int64]]
+        ] = {}
 
     # -- geometry -------------------------------------------------------------------------
     def length(self) -> int:
@@ -139,6 +145,9 @@ class Qcow2Driver(BlockDriver):
         contiguous host offsets; compressed clusters stand alone). For writes, kind is 1 for
         clusters that can be overwritten in place (data with COPIED) and 0 otherwise.
         """
+        n = len(entries)
+        if not entries.any():  # all unallocated: the common case of fresh space
+            return [(0, n, 0 if for_write else int(ClusterKind.UNALLOCATED))]
         kinds = classify(entries, zero_flag=self._zero_flag)
         host = entries & np.uint64(L2_OFFSET_MASK)
         if for_write:
@@ -146,7 +155,6 @@ class Qcow2Driver(BlockDriver):
             data = kinds == 1
         else:
             data = kinds == _NORMAL
-        n = len(entries)
         brk = np.ones(n, dtype=bool)
         if n > 1:
             brk[1:] = (kinds[1:] != kinds[:-1]) | (
@@ -157,6 +165,41 @@ class Qcow2Driver(BlockDriver):
         starts = np.flatnonzero(brk)
         stops = np.append(starts[1:], n)
         return [(int(a), int(b), int(kinds[a])) for a, b in zip(starts, stops, strict=True)]
+
+    def _run_index_of(
+        self, l1_index: int, table: U64Array
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(starts, stops, kinds) of every read run of ``table`` (see :meth:`_runs`), built
+        once per table version.
+
+        Reads and block status then cost a binary search plus one step per run, instead of
+        numpy calls over the slice on every request (which dominated on fragmented images).
+        """
+        gen = self.tables.generation.get(l1_index, 0)
+        cached = self._run_index.get(l1_index)
+        if cached is None or cached[0] is not table or cached[1] != gen:
+            runs = np.array(self._runs(table, for_write=False), dtype=np.int64).reshape(-1, 3)
+            if len(self._run_index) > self.tables.max_tables:
+                self._run_index.clear()
+            cached = (table, gen, runs[:, 0].copy(), runs[:, 1].copy(), runs[:, 2].copy())
+            self._run_index[l1_index] = cached
+        return cached[2], cached[3], cached[4]
+
+    def _read_runs(
+        self, l1_index: int, table: U64Array, first: int, count: int
+    ) -> list[tuple[int, int, int]]:
+        """Read runs of ``table[first:first+count]``, relative to ``first``."""
+        starts, stops, kinds = self._run_index_of(l1_index, table)
+        end = first + count
+        i0 = int(np.searchsorted(stops, first, side="right"))
+        i1 = int(np.searchsorted(starts, end, side="left"))
+        return [
+            (max(a, first) - first, min(b, end) - first, k)
+            for a, b, k in zip(
+                starts[i0:i1].tolist(), stops[i0:i1].tolist(), kinds[i0:i1].tolist(),
+                strict=True,
+            )
+        ]
 
     def _check_host(self, host: int, length: int) -> None:
         """Refuse in-place writes to data clusters that are unaligned, past EOF or on top
@@ -204,7 +247,7 @@ class Qcow2Driver(BlockDriver):
                 self._read_unallocated(lo, out[lo - offset : hi - offset])
                 continue
             entries = table[first : first + count]
-            for a, b, kind in self._runs(entries, for_write=False):
+            for a, b, kind in self._read_runs(l1_index, table, first, count):
                 lo = max(offset, base + (a << self.cb))
                 hi = min(end, base + (b << self.cb))
                 dest = out[lo - offset : hi - offset]
@@ -329,6 +372,8 @@ class Qcow2Driver(BlockDriver):
 
     def _release(self, old: U64Array) -> None:
         """Drop the references that replaced L2 entries held (once tables are written)."""
+        if not old.any():
+            return
         kinds = classify(old, zero_flag=self._zero_flag)
         hosts = old & np.uint64(L2_OFFSET_MASK)
         owned = ((kinds == _NORMAL) | (kinds == np.uint8(ClusterKind.ZERO_ALLOC))) & (hosts != 0)
@@ -536,17 +581,11 @@ class Qcow2Driver(BlockDriver):
             return Extent(offset, n, allocated=False, zero=self.backing is None, data=False)
         count = min(span_end, offset + length) - (offset & ~(self.cs - 1))
         count = -(-count // self.cs)
-        # Look at a small window first and widen it only while the first run fills it, so a
-        # fragmented table costs O(run length) per call, not O(table).
-        window = 64
-        while True:
-            entries = table[first : first + min(count, window)]
-            _, b, kind = self._runs(entries, for_write=False)[0]
-            if b < len(entries) or len(entries) == count:
-                break
-            window *= 8
+        _, stops, kinds = self._run_index_of(l1_index, table)
+        i = int(np.searchsorted(stops, first, side="right"))
+        b, kind = min(int(stops[i]), first + count) - first, int(kinds[i])
         n = min(offset + length, span_end, ((offset >> self.cb) + b) << self.cb) - offset
-        entry = int(entries[0])
+        entry = int(table[first])
         host = entry & L2_OFFSET_MASK
         delta = offset & (self.cs - 1)
         if kind == ClusterKind.UNALLOCATED:

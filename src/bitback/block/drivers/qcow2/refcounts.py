@@ -178,7 +178,12 @@ class RefcountTable:
             index, first = divmod(pos, self.block_entries)
             block = self._block(index, create=True)
             assert block is not None
-            free = np.flatnonzero(block[first:] == 0)
+            # Search a small window first: the hint usually points at free space, and
+            # scanning a whole block per allocation costs more than the write it serves.
+            window = max(count, 256)
+            free = np.flatnonzero(block[first : first + window] == 0)
+            if free.size == 0:
+                free = np.flatnonzero(block[first + window :] == 0) + window
             if free.size == 0:
                 pos = (index + 1) * self.block_entries
                 continue

@@ -57,6 +57,9 @@ class L2Cache:
             else np.zeros(0, dtype=np.uint64)
         )
         self._tables: OrderedDict[int, U64Array] = OrderedDict()
+        # Changes to each cached table, so derived data (the driver's run index) can tell
+        # when it is stale.
+        self.generation: dict[int, int] = {}
         self.dirty_l2: set[int] = set()
         self.dirty_l1: set[int] = set()
         self.max_tables = max(16, _CACHE_BYTES // self.cluster_size)
@@ -96,12 +99,13 @@ class L2Cache:
         """Put a new (or copied) L2 table at ``host_offset`` and point L1 at it."""
         self._tables[index] = table
         self._tables.move_to_end(index)
-        self.dirty_l2.add(index)
+        self.mark_dirty(index)
         self.l1[index] = np.uint64(host_offset | COPIED)
         self.dirty_l1.add(index)
 
     def mark_dirty(self, index: int) -> None:
         self.dirty_l2.add(index)
+        self.generation[index] = self.generation.get(index, 0) + 1
 
     def over_budget(self) -> bool:
         return len(self._tables) > self.max_tables
@@ -133,6 +137,7 @@ class L2Cache:
         """Drop a table from the cache (its L1 entry was cleared)."""
         self._tables.pop(index, None)
         self.dirty_l2.discard(index)
+        self.generation[index] = self.generation.get(index, 0) + 1
 
     def metadata_clusters(self) -> U64Array:
         """Host cluster indexes of the L1 table and every L2 table (overlap checks)."""
