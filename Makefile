@@ -9,7 +9,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bitback-installed
-PYTEST_ARGS ?= -ra --durations=15
+PYTEST_ARGS ?= -n 2 -ra --durations=15
 BENCH_ARGS ?=
 
 .PHONY: help venv qemu demo test lint typecheck pytest bench clean distclean

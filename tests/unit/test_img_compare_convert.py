@@ -106,7 +106,7 @@ def test_compare_exit_codes(img: Img, tmp_path: Path) -> None:
         "No such file or directory\n"
     )
     rc, _, err = img("compare", "a.raw")
-    assert rc == 1 and err.startswith("bitback-img: Expecting two image file names\n")
+    assert rc == 1 and err.startswith("bitback-img: Expecting two image file names (try")
     assert img("compare", "-T", "foo", "a.raw", "a.raw")[0:1] == (2,)
 
 

@@ -148,7 +148,7 @@ def test_create_option_help(img: Img) -> None:
 def test_usage_errors(img: Img, args: list[str], err: str) -> None:
     rc, out, stderr = img(*args)
     assert (rc, out) == (1, "")
-    assert stderr == f"bitback-img: {err}\nTry 'bitback-img --help' for more information\n"
+    assert stderr == f"bitback-img: {err} (try 'bitback-img --help' for more information)\n"
 
 
 def test_help_and_version(img: Img) -> None:

@@ -207,8 +207,9 @@ def test_check_clean_raw_and_usage(img: Img, chain: Path, tmp_path: Path) -> Non
         "bitback-img: This image format does not support checks\n",
     )
     rc, _, err = img("check", "-r", "foo", "base.qcow2")
-    assert rc == 1 and err.startswith(
-        "bitback-img: Unknown option value for -r (expecting 'leaks' or 'all'): foo\n"
+    assert rc == 1 and err == (
+        "bitback-img: Unknown option value for -r (expecting 'leaks' or 'all'): foo "
+        "(try 'bitback-img --help' for more information)\n"
     )
 
 

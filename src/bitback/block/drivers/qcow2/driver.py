@@ -612,8 +612,19 @@ class Qcow2Driver(BlockDriver):
         old = self.header.size
         if size == old:
             return
-        if size < old and self.header.nb_snapshots:
-            raise UnsupportedFeatureError("Can't shrink an image that has snapshots")
+        if self.header.version < 3 and self.header.nb_snapshots:
+            raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+        backing = self.backing
+        if (
+            size > -(-old // self.cs) * self.cs
+            and not self._zero_flag
+            and backing is not None
+            and backing.length() > old
+        ):
+            # The new clusters must hide the backing file, and v2 has no zero flag.
+            raise UnsupportedFeatureError(
+                "Failed to zero out new clusters: Operation not supported"
+            )
         self._begin_modify()
         self.flush_metadata()
         if size > old:
@@ -622,7 +633,6 @@ class Qcow2Driver(BlockDriver):
                 self._grow_l1(need)
             self._write_header(replace(self.header, size=size))
             self._barrier()
-            backing = self.backing
             if backing is not None and backing.length() > old:
                 self.pwrite_zeroes(old, size - old)
         else:
