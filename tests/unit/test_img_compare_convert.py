@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,34 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bitback.block.chain import iter_map, open_chain, read
-from bitback.block.drivers.qcow2.create import create_qcow2
-from bitback.block.open import open_image
 from bitback.tools.img.cli import main
 from bitback.tools.img.compare import first_difference, first_nonzero_sector
+from helpers.imgrun import Img, qcow2
 
-Result = tuple[int, str, str]
-Img = Callable[..., Result]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def img(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Img:
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str) -> Result:
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
-
-def qcow2(path: Path, size: int, *writes: tuple[int, bytes], backing: str | None = None) -> Path:
-    create_qcow2(str(path), size, backing_file=backing, backing_fmt="qcow2" if backing else None)
-    with open_image(str(path), read_only=False, backing=False) as node:
-        for offset, data in writes:
-            node.pwrite(offset, data)
-    return path
 
 
 def raw(path: Path, size: int, *writes: tuple[int, bytes]) -> Path:

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bitback.block.open import open_image
-from bitback.tools.img.cli import main
-
-Result = tuple[int, str, str]
-Img = Callable[..., Result]
-
-
-@pytest.fixture
-def img(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Img:
-    """Run ``bitback-img ARGS`` in-process in ``tmp_path``: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str) -> Result:
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
+from helpers.imgrun import Img
 
 QCOW2_LINE = (
     "Formatting 'a.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib "

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bitback.block.drivers.qcow2.create import create_qcow2
 from bitback.block.open import open_image
-from bitback.tools.img.cli import main
 from bitback.tools.img.info import size_to_str
+from helpers.imgrun import Img
 
-Result = tuple[int, str, str]
-Img = Callable[..., Result]
 MiB = 1 << 20
 
-
-@pytest.fixture
-def img(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Img:
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str) -> Result:
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 @pytest.fixture

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bitback.block.chain import iter_map, open_chain, read
-from bitback.block.drivers.qcow2.create import create_qcow2
 from bitback.block.open import open_image
-from bitback.tools.img.cli import main
 from bitback.tools.img.rebase import differing_runs
+from helpers.imgrun import Img, qcow2
 
-Result = tuple[int, str, str]
-Img = Callable[..., Result]
 MiB = 1 << 20
 CS = 65536
 
 
-@pytest.fixture
-def img(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Img:
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str) -> Result:
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
-
-def qcow2(path: Path, size: int, *writes: tuple[int, bytes], backing: str | None = None) -> Path:
-    create_qcow2(str(path), size, backing_file=backing, backing_fmt="qcow2" if backing else None)
-    with open_image(str(path), read_only=False, backing=False) as node:
-        for offset, data in writes:
-            node.pwrite(offset, data)
-    return path
 
 
 def guest(path: Path) -> bytes:
