@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitback.errors import InvalidArgumentError
+from bitback.qjson import dumps_pretty, qdict_order, quote
 from bitback.tools.img.options import (
     OptionList,
     OptSpec,
@@ -19,7 +20,6 @@ from bitback.tools.img.options import (
     valid_option_list,
 )
 from bitback.tools.img.progress import Progress
-from bitback.tools.img.qjson import dumps_pretty, qdict_order, quote
 
 SPEC = OptSpec("hf:UF:", {"output": (True, "output"), "backing-chain": (False, "chain")})
 

@@ -15,9 +15,9 @@ from bitback.block.chain import backing_of, virtual_size
 from bitback.block.driver import BlockDriver
 from bitback.block.open import MAX_CHAIN_DEPTH, resolve_backing
 from bitback.errors import BitbackError, ImageFormatError, InvalidArgumentError
+from bitback.qjson import dumps_pretty, qdict_order
 from bitback.tools.img.images import open_img
 from bitback.tools.img.options import HelpRequested, OptSpec, UsageError, getopt, output_format
-from bitback.tools.img.qjson import dumps_pretty, qdict_order
 
 __all__ = ["dump_human", "image_info", "img_info", "size_to_str"]
 

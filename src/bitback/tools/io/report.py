@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
+from bitback.qjson import qdict_order
+
 __all__ = [
     "cvtstr",
     "dump_buffer",
@@ -119,29 +121,6 @@ def dump_buffer(data: bytes | bytearray | memoryview, offset: int) -> Iterator[s
         line = bytes(view[i : i + 16])
         hexpart = line.hex(" ")
         yield f"{offset + i:08x}:  {hexpart}  {line.translate(_PRINTABLE).decode('ascii')}"
-
-
-def _tdb_hash(key: str) -> int:
-    """QEMU's ``tdb_hash`` (qobject/qdict.c), which places a key in a QDict bucket."""
-    raw = key.encode()
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, c in enumerate(raw):
-        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-_QDICT_BUCKET_MAX = 512
-
-
-def qdict_order(keys: Sequence[str]) -> list[str]:
-    """The order in which a QDict built by inserting ``keys`` in turn iterates them.
-
-    QEMU walks its 512 hash buckets in turn, and each bucket's list newest-first. That is why
-    qcow2's ``info`` prints ``bitmaps`` between ``lazy refcounts`` and ``refcount bits``.
-    """
-    indexed = list(enumerate(keys))
-    indexed.sort(key=lambda item: (_tdb_hash(item[1]) % _QDICT_BUCKET_MAX, -item[0]))
-    return [key for _, key in indexed]
 
 
 def _scalar(value: object) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitback.qjson import qdict_order, quote
+
 __all__ = ["CheckResult"]
 
 
@@ -87,11 +89,11 @@ class CheckResult:
         }
         values.update((k, v) for k, v in optional.items() if v)
         # QEMU prints a QDict, whose iteration order is that of its hash buckets.
-        return {k: values[k] for k in sorted(values, key=_qdict_bucket)}
+        return {k: values[k] for k in qdict_order(values)}
 
     def json_text(self) -> str:
         """qemu-img's pretty-printed JSON text, byte for byte (with the final newline)."""
-        items = [f"    {_json_str(k)}: {_json_value(v)}" for k, v in self.to_json().items()]
+        items = [f"    {quote(k)}: {_json_value(v)}" for k, v in self.to_json().items()]
         return "{\n" + ",\n".join(items) + "\n}\n"
 
     def human(self) -> str:
@@ -147,34 +149,5 @@ class CheckResult:
         return text + human
 
 
-def _qdict_bucket(key: str) -> int:
-    """QEMU's QDict bucket of a key (tdb_hash modulo 512 buckets)."""
-    raw = key.encode()
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, ch in enumerate(raw):
-        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
-
-
 def _json_value(value: Any) -> str:
-    return _json_str(value) if isinstance(value, str) else str(value)
-
-
-def _json_str(text: str) -> str:
-    """A JSON string as QEMU writes it: non-ASCII as uppercase ``\\uXXXX`` escapes."""
-    out = ['"']
-    specials = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
-                "\t": "\\t"}
-    for ch in text:
-        cp = ord(ch)
-        if ch in specials:
-            out.append(specials[ch])
-        elif 0x20 <= cp < 0x7F:
-            out.append(ch)
-        elif cp > 0xFFFF:
-            cp -= 0x10000
-            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
-        else:
-            out.append(f"\\u{cp:04X}")
-    out.append('"')
-    return "".join(out)
+    return quote(value) if isinstance(value, str) else str(value)
