@@ -49,6 +49,20 @@ __all__ = [
 ]
 
 
+
+def offset_and_count(operands: list[str], ctx: CommandContext) -> tuple[int, int] | None:
+    """``OFFSET LENGTH`` operands as qemu-io parses them, errors printed; ``None`` on error."""
+    offset = num(operands[0], ctx)
+    if offset is None:
+        return None
+    count = num(operands[1], ctx)
+    if count is None:
+        return None
+    if count > BDRV_REQUEST_MAX_BYTES:
+        ctx.print(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {operands[1]}")
+        return None
+    return offset, count
+
 def read_f(driver: BlockDriver | None, argv: list[str], ctx: CommandContext) -> bool:
     """``read [-bCqpv] [-P pattern [-s off] [-l len]] off len``: read, verify, dump, report."""
     assert driver is not None
@@ -86,15 +100,10 @@ def read_f(driver: BlockDriver | None, argv: list[str], ctx: CommandContext) -> 
             verbose = True
     if len(opts.operands) != 2:
         return usage(ctx, "read")
-    offset = num(opts.operands[0], ctx)
-    if offset is None:
+    span = offset_and_count(opts.operands, ctx)
+    if span is None:
         return False
-    count = num(opts.operands[1], ctx)
-    if count is None:
-        return False
-    if count > BDRV_REQUEST_MAX_BYTES:
-        ctx.print(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {opts.operands[1]}")
-        return False
+    offset, count = span
     if pattern is None and (l_given or s_given):
         return usage(ctx, "read")
     if not l_given:
@@ -361,15 +370,10 @@ def discard_f(driver: BlockDriver | None, argv: list[str], ctx: CommandContext) 
         quiet |= opt == "q"
     if len(opts.operands) != 2:
         return usage(ctx, "discard")
-    offset = num(opts.operands[0], ctx)
-    if offset is None:
+    span = offset_and_count(opts.operands, ctx)
+    if span is None:
         return False
-    count = num(opts.operands[1], ctx)
-    if count is None:
-        return False
-    if count > BDRV_REQUEST_MAX_BYTES:
-        ctx.print(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {opts.operands[1]}")
-        return False
+    offset, count = span
     start = time.monotonic_ns()
     try:
         check_range(driver, offset, count)
