@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 
-
 def offset_and_count(operands: list[str], ctx: CommandContext) -> tuple[int, int] | None:
     """``OFFSET LENGTH`` operands as qemu-io parses them, errors printed; ``None`` on error."""
     offset = num(operands[0], ctx)
