@@ -239,7 +239,6 @@ def test_info_json_agrees_with_qemu_img(
         assert specific_ours.get(key) == specific_theirs.get(key), key
 
 
-@pytest.mark.xfail(strict=True, reason="bitback gap: info --output=json has no 'snapshots' list")
 def test_info_json_lists_internal_snapshots(
     built: Callable[[str], Case], qemu_img: str, bitback_img: list[str],
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -123,3 +125,26 @@ def test_table_round_trip() -> None:
     table = np.array([0, COPIED | 0x30000, 1 << 62], dtype=np.uint64)
     assert np.array_equal(decode_table(encode_table(table)), table)
     assert encode_table(table)[8:16] == (COPIED | 0x30000).to_bytes(8, "big")
+
+
+def test_snapshot_table_entries() -> None:
+    from bitback.formats.qcow2.snapshots import NO_ICOUNT, decode_snapshot_table
+
+    def entry(id_str: bytes, name: bytes, extra: bytes) -> bytes:
+        fixed = struct.pack(
+            ">QIHHIIQII", 0x50000, 8, len(id_str), len(name), 1700000000, 5, 3_500_000_000,
+            0, len(extra),
+        )
+        raw = fixed + extra + id_str + name
+        return raw + bytes(-len(raw) % 8)
+
+    extra = (7).to_bytes(8, "big") + (1 << 20).to_bytes(8, "big") + (42).to_bytes(8, "big")
+    table = entry(b"1", b"first", extra) + entry(b"2", b"old", b"")
+    first, second = decode_snapshot_table(table, 2)
+    assert (first.id_str, first.name, first.vm_state_size, first.disk_size, first.icount) == (
+        "1", "first", 7, 1 << 20, 42
+    )
+    assert (second.name, second.disk_size, second.icount) == ("old", None, NO_ICOUNT)
+    assert second.vm_clock_nsec == 3_500_000_000
+    with pytest.raises(ImageFormatError, match="truncated"):
+        decode_snapshot_table(table[:50], 1)

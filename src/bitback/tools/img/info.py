@@ -9,12 +9,14 @@ form is ``bdrv_image_info_dump``'s, format-specific data included.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from bitback.block.chain import backing_of, virtual_size
 from bitback.block.driver import BlockDriver
 from bitback.block.open import MAX_CHAIN_DEPTH, resolve_backing
 from bitback.errors import BitbackError, ImageFormatError, InvalidArgumentError
+from bitback.formats.qcow2.snapshots import NO_ICOUNT, decode_snapshot_table
 from bitback.qjson import dumps_pretty, qdict_order
 from bitback.tools.img.images import open_img
 from bitback.tools.img.options import HelpRequested, OptSpec, UsageError, getopt, output_format
@@ -71,10 +73,59 @@ def image_info(node: BlockDriver, filename: str) -> dict[str, Any]:
         info["full-backing-filename"] = resolve_backing(filename, name)
         if fmt is not None:
             info["backing-filename-format"] = fmt
+    snapshots = _snapshots(node)
+    if snapshots:
+        info["snapshots"] = snapshots
     specific = _format_specific(node)
     if specific is not None:
         info["format-specific"] = specific
     return info
+
+
+def _snapshots(node: BlockDriver) -> list[dict[str, Any]]:
+    """qemu-img's SnapshotInfo list for a qcow2 node (empty for other formats)."""
+    header = getattr(node, "header", None)
+    file = getattr(node, "file", None)
+    if header is None or file is None or not header.nb_snapshots:
+        return []
+    # Bounded: at most 65536 entries of at most 40 + 1024 + 2 * 65535 bytes each would be
+    # absurd; QEMU caps the table at 64 MiB.
+    size = min(file.length() - header.snapshots_offset, 64 << 20)
+    if size <= 0:
+        raise ImageFormatError("Snapshot table is past the end of the file")
+    entries = decode_snapshot_table(file.pread(header.snapshots_offset, size),
+                                    header.nb_snapshots)
+    out = []
+    for e in entries:
+        item: dict[str, Any] = {
+            "id": e.id_str,
+            "name": e.name,
+            "vm-state-size": e.vm_state_size,
+            "date-sec": e.date_sec,
+            "date-nsec": e.date_nsec,
+            "vm-clock-sec": e.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": e.vm_clock_nsec % 1_000_000_000,
+        }
+        if e.icount != NO_ICOUNT:
+            item["icount"] = e.icount
+        out.append({k: item[k] for k in qdict_order(item)})
+    return out
+
+
+def _snapshot_lines(snapshots: list[dict[str, Any]]) -> list[str]:
+    """QEMU's ``bdrv_snapshot_dump`` table (dates in local time, as QEMU prints them)."""
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}"
+             f"{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for sn in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+        secs, msecs = sn["vm-clock-sec"], sn["vm-clock-nsec"] // 1_000_000
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{msecs:03d}"
+        icount = str(sn["icount"]) if "icount" in sn else ""
+        lines.append(
+            f"{sn['id']:<9} {sn['name']:<16} {size_to_str(sn['vm-state-size']):>8}"
+            f"{date:>20}{clock:>13}{icount:>11}"
+        )
+    return lines
 
 
 def collect(filename: str, fmt: str | None, chain: bool) -> list[dict[str, Any]]:
@@ -153,6 +204,8 @@ def dump_human(info: dict[str, Any]) -> str:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if "snapshots" in info:
+        lines.extend(_snapshot_lines(info["snapshots"]))
     text = "\n".join(lines) + "\n"
     specific = info.get("format-specific")
     if specific is not None:
