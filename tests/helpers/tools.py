@@ -34,6 +34,7 @@ QEMU_TOOLS: dict[str, tuple[str, str, str]] = {
 _CLI_MODULES = {
     "bitback-img": "bitback.tools.img.cli",
     "bitback-io": "bitback.tools.io.cli",
+    "bitbackd": "bitback.daemon",
 }
 
 

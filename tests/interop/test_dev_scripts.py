@@ -82,7 +82,7 @@ def test_bench_harness_smoke(qemu_img: str, qemu_io: str, tmp_path: Path) -> Non
     assert "QEMU/bitback" in res.stdout
 
 
-@pytest.mark.parametrize("tool", ["bitbackd", "bitback"])
+@pytest.mark.parametrize("tool", ["bitback"])
 def test_unbuilt_tools_say_so_with_exit_69(tool: str) -> None:
     script = BIN / tool
     argv = (

@@ -136,6 +136,30 @@ class BlockDriver(ABC):
         if self.backing is not None:
             self.backing.close()
 
+    # -- graph ----------------------------------------------------------------------------
+    def children(self) -> list[tuple[str, BlockDriver]]:
+        """The nodes this one reads or writes through, as ``(role, node)`` pairs: ``file`` for
+        a format driver's protocol node, ``image`` for a filter's child, ``backing``."""
+        kids: list[tuple[str, BlockDriver]] = []
+        file = getattr(self, "file", None)
+        if isinstance(file, BlockDriver):
+            kids.append(("file", file))
+        if self.backing is not None:
+            kids.append(("backing", self.backing))
+        return kids
+
+    def debug_event(self, event: str) -> None:
+        """A parent announces ``event`` (a blkdebug event name, such as ``read_aio``) on its
+        link to this node, just before the request it names. Only blkdebug reacts."""
+        return None
+
+    def child_event(self, event: str) -> None:
+        """Raise ``event`` on this node's primary child (its protocol node), as QEMU's
+        ``BLKDBG_EVENT(bs->file, ...)`` does."""
+        file = getattr(self, "file", None)
+        if isinstance(file, BlockDriver):
+            file.debug_event(event)
+
     # -- description ----------------------------------------------------------------------
     def allocated_file_size(self) -> int | None:
         """Bytes the node takes on the host (``disk size`` in qemu-img info)."""

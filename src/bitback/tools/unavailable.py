@@ -1,4 +1,4 @@
-"""Entry points for tools that later work will build (bitbackd, bitback).
+"""Entry points for tools that later work will build (the ``bitback`` backup tool).
 
 They exist so that the console scripts are installed from the start, and they say plainly
 that the tool is not available yet instead of pretending to work.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["bitback_main", "bitbackd_main"]
+__all__ = ["bitback_main"]
 
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE from sysexits.h
 
@@ -16,11 +16,6 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE from sysexits.h
 def _unavailable(name: str) -> int:
     print(f"{name}: not available yet in this version of bitback", file=sys.stderr)
     return EXIT_UNAVAILABLE
-
-
-def bitbackd_main() -> int:
-    """The QMP storage daemon (not built yet)."""
-    return _unavailable("bitbackd")
 
 
 def bitback_main() -> int:

@@ -253,6 +253,9 @@ class Qcow2Driver(BlockDriver):
                 dest = out[lo - offset : hi - offset]
                 if kind == ClusterKind.NORMAL:
                     host = int(entries[a]) & L2_OFFSET_MASK
+                    # After the L2 lookup, right before the data read: an error rule that
+                    # this event arms must hit the data, not the metadata (spec 7.2).
+                    self.child_event("read_aio")
                     self.file.readinto(host + lo - base - (a << self.cb), dest)
                 elif kind == ClusterKind.UNALLOCATED:
                     self._read_unallocated(lo, dest)
@@ -269,6 +272,7 @@ class Qcow2Driver(BlockDriver):
         n = 0 if backing is None else max(0, min(len(dest), backing.length() - offset))
         if n:
             assert backing is not None
+            self.child_event("read_backing_aio")
             backing.readinto(offset, dest[:n])
         if n < len(dest):
             fill_zero(dest[n:])
@@ -281,6 +285,7 @@ class Qcow2Driver(BlockDriver):
         host, size = compressed_extent(entry, self.cb)
         if self._decompressed is not None and self._decompressed[0] == entry:
             return self._decompressed[1]
+        self.child_event("read_compressed")
         raw = self.file.pread(host, size)
         data = compress.decompress(raw, self.cs, self.header.compression_type)
         self._decompressed = (entry, data)
@@ -320,6 +325,7 @@ class Qcow2Driver(BlockDriver):
                 if inplace:
                     cluster_host = int(entries[a]) & L2_OFFSET_MASK
                     self._check_host(cluster_host, (b - a) << self.cb)
+                    self.child_event("write_aio")
                     self.file.pwrite(cluster_host + lo - base - (a << self.cb), chunk)
                 else:
                     self._allocating_write(l1_index, first + a, first + b, lo, chunk)
@@ -351,10 +357,12 @@ class Qcow2Driver(BlockDriver):
         old = table[c0:c1].copy()
         pos = 0
         total = c1 - c0
+        self.child_event("cluster_alloc")
         while pos < total:
             start, n = self.refcounts.allocate(total - pos)
             self._check_overlap(start << self.cb, n << self.cb)
             piece = memoryview(buf)[pos << self.cb : (pos + n) << self.cb]
+            self.child_event("write_aio")
             self.file.pwrite(start << self.cb, piece)
             hosts = (np.arange(start, start + n, dtype=np.uint64) << np.uint64(self.cb))
             table[c0 + pos : c0 + pos + n] = hosts | np.uint64(COPIED)
@@ -540,6 +548,7 @@ class Qcow2Driver(BlockDriver):
         table = self._writable_table(l1_index)
         old = table[index : index + 1].copy()
         host = self._alloc_bytes(len(packed))
+        self.child_event("write_compressed")
         self.file.pwrite(host, packed)
         x = 62 - (self.cb - 8)
         sectors = ((host + len(packed) - 1) >> 9) - (host >> 9)

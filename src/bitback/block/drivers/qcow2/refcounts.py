@@ -108,6 +108,7 @@ class RefcountTable:
                     raise ImageCorruptError(
                         f"Refcount block {index} at 0x{offset:x} is past the end of the file"
                     )
+                self.file.debug_event("refblock_load")
                 block = decode_refblock(
                     self.file.pread(offset, self.cluster_size), self.refcount_order
                 )
@@ -293,6 +294,7 @@ class RefcountTable:
         for index in sorted(self._dirty_blocks):
             block = self._blocks[index]
             offset = int(self.table[index]) & L1_OFFSET_MASK
+            self.file.debug_event("refblock_update")
             self.file.pwrite(offset, encode_refblock(block, self.refcount_order))
         self._dirty_blocks.clear()
         if self._moved_from is not None:

@@ -91,6 +91,7 @@ class L2Cache:
             raise ImageCorruptError(
                 f"L2 table {index} at offset 0x{offset:x} is outside the image file"
             )
+        self.file.debug_event("l2_load")
         table = decode_table(self.file.pread(offset, self.cluster_size))
         self._tables[index] = table
         return table
@@ -126,9 +127,11 @@ class L2Cache:
         """Step 2 of the write order: dirty L2 tables, then the L1 entries pointing at them."""
         for index in sorted(self.dirty_l2):
             table = self._tables[index]
+            self.file.debug_event("l2_update")
             self.file.pwrite(self.l2_offset(index), encode_table(table))
         self.dirty_l2.clear()
         if self.dirty_l1:
+            self.file.debug_event("l1_update")
             lo, hi = min(self.dirty_l1), max(self.dirty_l1) + 1
             self.file.pwrite(self.l1_offset + lo * 8, encode_table(self.l1[lo:hi]))
             self.dirty_l1.clear()

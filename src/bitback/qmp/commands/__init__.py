@@ -1,0 +1,7 @@
+"""QMP command handlers, by domain. Importing this package registers all of them."""
+
+from __future__ import annotations
+
+from bitback.qmp.commands import bitmaps, block, misc
+
+__all__ = ["bitmaps", "block", "misc"]
