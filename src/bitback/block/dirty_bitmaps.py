@@ -50,9 +50,11 @@ def add_bitmap(
     granularity: int | None = None,
     persistent: bool = False,
     disabled: bool = False,
+    label: str | None = None,
 ) -> DirtyBitmap:
     """Create an empty bitmap on ``node``; the node's cluster size (clamped to 4k..64k)
-    sets the default granularity."""
+    sets the default granularity. ``label`` names the node in messages (QEMU says the device
+    name when there is one)."""
     if not name:
         raise InvalidArgumentError("Bitmap name cannot be empty")
     if len(name.encode()) > MAX_BITMAP_NAME:
@@ -67,7 +69,7 @@ def add_bitmap(
         # Storing bitmaps in qcow2 is not implemented yet; accepting the flag would lose the
         # bitmap at shutdown while promising to keep it.
         raise UnsupportedFeatureError(
-            f"Can't make bitmap '{name}' persistent in '{node.node_name}': "
+            f"Can't make bitmap '{name}' persistent in '{label or node.node_name}': "
             "persistent bitmaps are not supported by bitbackd yet"
         )
     bitmap = DirtyBitmap(node.length(), granularity, name, enabled=not disabled)

@@ -53,6 +53,7 @@ async def bitmap_add(ctx: QMPContext, args: dict[str, Any]) -> object:
             granularity=args.get("granularity"),
             persistent=args.get("persistent", False),
             disabled=args.get("disabled", False),
+            label=args["node"],
         )
 
     await ctx.block(run)
