@@ -195,6 +195,8 @@ class GranuleBits:
         The run is maximal (it stops at the next clean granule or at the clipped end) and at most
         ``max_length`` bytes long when that is given (QEMU ``hbitmap_next_dirty_area``).
         """
+        if max_length is not None and max_length <= 0:
+            raise InvalidArgumentError(f"Invalid maximum length {max_length}")
         span = self._search_span(offset, end)
         if span is None:
             return None
@@ -204,8 +206,6 @@ class GranuleBits:
             return None
         start = max(offset, index * self.granularity)
         if max_length is not None:
-            if max_length <= 0:
-                raise InvalidArgumentError(f"Invalid maximum length {max_length}")
             stop = min(stop, start + max_length)
             stop_granule = (stop - 1) // self.granularity + 1
         clean = self._bits.find(0, index, stop_granule)
@@ -263,7 +263,7 @@ class GranuleBits:
 
     def copy(self) -> GranuleBits:
         """An independent bitmap with the same geometry and bits."""
-        twin = GranuleBits.__new__(GranuleBits)
+        twin = type(self).__new__(type(self))
         twin.size = self.size
         twin.granularity = self.granularity
         twin._bits = self._bits.copy()

@@ -255,8 +255,9 @@ class DirtyBitmap:
         """Refuse a busy, (when writing) read-only, or inconsistent bitmap, in that order.
 
         ``for_write=True`` is QEMU's ``BDRV_BITMAP_DEFAULT`` check (clear, merge into, enable,
-        disable, remove, use by a job); ``for_write=False`` is ``BDRV_BITMAP_ALLOW_RO`` (the
-        bitmap is only read, e.g. a merge source).
+        disable, remove, a backup whose bitmap-mode is not ``never``); ``for_write=False`` is
+        ``BDRV_BITMAP_ALLOW_RO`` (the bitmap is only read: a merge source, the bitmap a backup
+        copies from).
         """
         if self.busy:
             raise BitmapBusyError(
@@ -331,22 +332,25 @@ class DirtyBitmap:
     # ---------------------------------------------------------------- reporting
 
     def info(self) -> dict[str, object]:
-        """``BlockDirtyInfo`` as ``query-block`` shows it.
+        """``BlockDirtyInfo`` as ``query-block`` shows it, keys in the order QEMU prints them.
 
-        Members in QEMU 7.2's schema order (``name`` only when named, ``inconsistent`` only
-        when true), then the seed-era ``status`` last.
+        ``name`` only when named, ``inconsistent`` only when true, plus the seed-era
+        ``status``. QEMU 7.2 serializes QDicts in hash-bucket order, not schema order; 7.2 was
+        observed to print ``name, recording, persistent, busy, granularity, count``, and the
+        same hash (``tdb_hash(key) % 512`` in ``qobject/qdict.c``) puts ``status`` between
+        ``busy`` and ``granularity`` and ``inconsistent`` last.
         """
         info: dict[str, object] = {}
         if self.name is not None:
             info["name"] = self.name
-        info["count"] = self.count()
-        info["granularity"] = self.granularity
         info["recording"] = self.recording
-        info["busy"] = self.busy
         info["persistent"] = self.persistent
+        info["busy"] = self.busy
+        info["status"] = self.status.value
+        info["granularity"] = self.granularity
+        info["count"] = self.count()
         if self.inconsistent:
             info["inconsistent"] = True
-        info["status"] = self.status.value
         return info
 
     def __repr__(self) -> str:

@@ -31,7 +31,13 @@ from bitback.block.drivers.file import FileDriver
 from bitback.block.drivers.null import NullDriver
 from bitback.block.drivers.raw import RawDriver
 from bitback.block.node import BlockNode
-from bitback.block.open import MAX_CHAIN_DEPTH, probe_format, resolve_backing
+from bitback.block.open import (
+    MAX_CHAIN_DEPTH,
+    probe_format,
+    qcow2_dirty,
+    repair_dirty,
+    resolve_backing,
+)
 from bitback.errors import (
     BitbackError,
     ImageFormatError,
@@ -58,6 +64,20 @@ def check_node_name(name: str) -> None:
         raise GraphError(f"Invalid node-name: '{name}'")
     if len(name) > MAX_NODE_NAME:
         raise GraphError("Node name too long")
+
+
+def _repair_if_dirty(file_opts: Any) -> None:
+    """A qcow2 image on a plain file left dirty by a writer using lazy refcounts gets its
+    refcounts rebuilt before it is opened read-write, as QEMU does."""
+    if not (isinstance(file_opts, dict) and file_opts.get("driver") == "file"):
+        return
+    filename = file_opts.get("filename")
+    if not isinstance(filename, str):
+        return
+    with FileDriver(filename, read_only=True) as probe:
+        dirty = qcow2_dirty(probe)
+    if dirty:
+        repair_dirty(filename)
 
 
 @dataclass
@@ -171,6 +191,8 @@ class BlockGraph:
             errors, states = rules_from_options(opts)
             drv = BlkdebugDriver(image, errors, states, read_only=read_only)
         elif driver in ("raw", "qcow2"):
+            if driver == "qcow2" and not read_only:
+                _repair_if_dirty(opts["file"])
             file = self._child(opts["file"], "file", read_only=read_only, created=created)
             drv = self._format(driver, file, opts, read_only, created, depth)
         else:
@@ -198,6 +220,13 @@ class BlockGraph:
             if "data-file" in opts or "encrypt" in opts:
                 raise UnsupportedFeatureError("qcow2 external data files and encryption "
                                               "are not supported")
+            if not read_only and qcow2_dirty(file):
+                # Only images on plain files are repaired (above); anything else would be
+                # written with refcounts that may be too low.
+                raise UnsupportedFeatureError(
+                    f"'{file.filename}' was left dirty (lazy refcounts) and cannot be repaired "
+                    "through this node; run 'bitback-img check -r all' on it first"
+                )
             qcow2 = Qcow2Driver(file, read_only=read_only)
         except BaseException:
             file.close()

@@ -20,6 +20,8 @@ __all__ = [
     "ignore_flushes",
     "open_image",
     "probe_format",
+    "qcow2_dirty",
+    "repair_dirty",
     "resolve_backing",
 ]
 
@@ -55,13 +57,13 @@ def ignore_flushes(node: BlockDriver) -> None:
         file.ignore_flush = True
 
 
-def _qcow2_dirty(file: BlockDriver) -> bool:
+def qcow2_dirty(file: BlockDriver) -> bool:
     """Whether a qcow2 v3 header carries the dirty bit (lazy refcounts left unsynced)."""
     head = file.pread(0, 80)
     return int.from_bytes(head[4:8], "big") >= 3 and bool(head[79] & 1)
 
 
-def _repair_dirty(filename: str) -> None:
+def repair_dirty(filename: str) -> None:
     """Rebuild the refcounts of an image left dirty, as QEMU does on a read-write open.
 
     A writer using lazy refcounts died: its refcounts may be too low, so they must be
@@ -110,9 +112,9 @@ def open_image(
             return RawDriver(file, read_only=read_only)
         from bitback.block.drivers.qcow2.driver import Qcow2Driver
 
-        if not read_only and _qcow2_dirty(file):
+        if not read_only and qcow2_dirty(file):
             file.close()
-            _repair_dirty(filename)
+            repair_dirty(filename)
             file = FileDriver(filename, read_only=read_only)
 
         node = Qcow2Driver(file, read_only=read_only)

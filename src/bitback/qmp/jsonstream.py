@@ -84,6 +84,12 @@ _TERMINAL = {ZERO: INTEGER, DIGITS: INTEGER, MANTISSA_DIGITS: FLOAT, EXP_DIGITS:
 _DIGIT = frozenset(b"0123456789")
 
 
+def _span_end(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
+    """Where a run of ``pattern`` (which may match nothing) starting at ``pos`` ends."""
+    m = pattern.match(data, pos)
+    return m.end() if m is not None else pos
+
+
 def _step(state: int, ch: int) -> int | None:
     """The next state after consuming ``ch`` in a multi-byte token, or ``None`` for an
     error. Only called when ``ch`` does not end a terminal token (handled by the caller)."""
@@ -149,14 +155,14 @@ class JSONStreamer:
         while pos < end:
             state = self._state
             if state == START:
-                pos = _WHITESPACE.match(data, pos).end()  # type: ignore[union-attr]
+                pos = _span_end(_WHITESPACE, data, pos)
                 if pos == end:
                     break
                 ch = data[pos]
                 pos += 1
                 kind = _SINGLE.get(ch)
                 if kind is not None:
-                    self._emit(kind, bytes((ch,)))
+                    self._emit(kind, data[pos - 1 : pos])
                     continue
                 tok.append(ch)
                 if ch == 0x22:
@@ -175,7 +181,7 @@ class JSONStreamer:
                     self._error()
                 continue
             if state == RECOVERY:
-                pos = _RECOVERY_RUN.match(data, pos).end()  # type: ignore[union-attr]
+                pos = _span_end(_RECOVERY_RUN, data, pos)
                 if pos < end:
                     self._state = START  # the resync byte is lexed again from START
                 continue
@@ -195,14 +201,14 @@ class JSONStreamer:
             ch = data[pos]
             terminal = _TERMINAL.get(state)
             if terminal is not None and not _continues(state, ch):
-                self._emit(terminal, bytes(tok))  # lookahead: ch is lexed again from START
+                self._emit(terminal, tok)  # lookahead: ch is lexed again from START
                 tok.clear()
                 self._state = START
                 continue
             pos += 1
             tok.append(ch)
             if (state == DQ and ch == 0x22) or (state == SQ and ch == 0x27):
-                self._emit(STRING, bytes(tok))
+                self._emit(STRING, tok)
                 tok.clear()
                 self._state = START
                 continue
@@ -230,7 +236,7 @@ class JSONStreamer:
         self._token.clear()
         self._state = START
 
-    def _emit(self, kind: int, text: bytes) -> None:
+    def _emit(self, kind: int, text: bytes | bytearray) -> None:
         if kind == LCURLY:
             self._brace += 1
         elif kind == RCURLY:

@@ -61,6 +61,7 @@ QMP_CAPABILITIES_ARGS = Struct(
 
 _NEGOTIATE_FIRST = "Expecting capabilities negotiation with 'qmp_capabilities'"
 _ALREADY_NEGOTIATED = "Capabilities negotiation is already complete, command ignored"
+_NOT_OBJECT = generic("QMP input must be a JSON object")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,67 +230,70 @@ class ServerConnection:
         return out
 
     def _request(self, value: object) -> Command | bytes:
-        """``handle_qmp_command`` + ``qmp_dispatch`` up to the command lookup."""
+        """One parsed message: a command to dispatch, or the reply bytes for it."""
         if isinstance(value, ParseError):
-            return encode_message({"error": generic(value.desc).to_dict()})
+            return _response({"error": generic(value.desc).to_dict()}, False, None)
         if not isinstance(value, dict):
-            return encode_message({"error": generic("QMP input must be a JSON object").to_dict()})
-        has_id = "id" in value
-        id_ = value.get("id")
-        err = self._check_request(value)
-        if err is None:
-            if "execute" in value:
-                name, oob = value["execute"], False
-            else:
-                name, oob = value["exec-oob"], True
-            arguments = value.get("arguments", {})
-            if not self.negotiated and name != "qmp_capabilities":
-                err = QMPError(ErrorClass.COMMAND_NOT_FOUND, _NEGOTIATE_FIRST)
-            elif name == "qmp_capabilities":
-                err = oob_not_supported(name) if oob else self._capabilities(arguments)
-            elif oob and self._command_exists is not None:
-                if not self._command_exists(name):
-                    err = command_not_found(name)
-                elif name not in self._oob_commands:
-                    err = oob_not_supported(name)
-            if err is None and name != "qmp_capabilities":
-                return Command(name, arguments, id_, has_id, oob)
-        if err is None:
+            return _response({"error": _NOT_OBJECT.to_dict()}, False, None)
+        has_id, id_ = "id" in value, value.get("id")
+        try:
+            command = self._command(value, has_id, id_)
+        except QMPError as exc:
+            return _response({"error": exc.to_dict()}, has_id, id_)
+        if command is None:  # qmp_capabilities succeeded
             return _response({"return": {}}, has_id, id_)
-        return _response({"error": err.to_dict()}, has_id, id_)
+        return command
 
-    def _check_request(self, request: dict[str, Any]) -> QMPError | None:
+    def _command(self, request: dict[str, Any], has_id: bool, id_: Any) -> Command | None:
+        """``qmp_dispatch`` up to the command lookup, in QEMU's order of checks; raises
+        :class:`QMPError`. ``qmp_capabilities`` is run here (``None`` on success)."""
+        self._check_request(request)
+        if "execute" in request:
+            name, oob = request["execute"], False
+        else:
+            name, oob = request["exec-oob"], True
+        arguments = request.get("arguments", {})
+        if not self.negotiated and name != "qmp_capabilities":
+            raise QMPError(ErrorClass.COMMAND_NOT_FOUND, _NEGOTIATE_FIRST)
+        if name == "qmp_capabilities":
+            if oob:
+                raise oob_not_supported(name)
+            self._capabilities(arguments)
+            return None
+        if oob and self._command_exists is not None:
+            if not self._command_exists(name):
+                raise command_not_found(name)
+            if name not in self._oob_commands:
+                raise oob_not_supported(name)
+        return Command(name, arguments, id_, has_id, oob)
+
+    def _check_request(self, request: dict[str, Any]) -> None:
         """``qmp_dispatch_check_obj``: members are checked in QDict order, first fault wins."""
         exec_key: str | None = None
         for key in qdict_order(request):
             value = request[key]
             if key == "execute" or (key == "exec-oob" and self.oob_enabled):
                 if not isinstance(value, str):
-                    return generic(f"QMP input member '{key}' must be a string")
+                    raise generic(f"QMP input member '{key}' must be a string")
                 if exec_key is not None:
-                    return generic(f"QMP input member '{key}' clashes with '{exec_key}'")
+                    raise generic(f"QMP input member '{key}' clashes with '{exec_key}'")
                 exec_key = key
             elif key == "arguments":
                 if not isinstance(value, dict):
-                    return generic("QMP input member 'arguments' must be an object")
+                    raise generic("QMP input member 'arguments' must be an object")
             elif key != "id":
-                return generic(f"QMP input member '{key}' is unexpected")
+                raise generic(f"QMP input member '{key}' is unexpected")
         if exec_key is None:
-            return generic("QMP input lacks member 'execute'")
-        return None
+            raise generic("QMP input lacks member 'execute'")
 
-    def _capabilities(self, arguments: dict[str, Any]) -> QMPError | None:
+    def _capabilities(self, arguments: dict[str, Any]) -> None:
         """``qmp_qmp_capabilities``: arguments first, then the state, then the offer."""
-        try:
-            args = validate_arguments(QMP_CAPABILITIES_ARGS, arguments)
-        except QMPError as exc:
-            return exc
+        args = validate_arguments(QMP_CAPABILITIES_ARGS, arguments)
         if self.negotiated:
-            return QMPError(ErrorClass.COMMAND_NOT_FOUND, _ALREADY_NEGOTIATED)
+            raise QMPError(ErrorClass.COMMAND_NOT_FOUND, _ALREADY_NEGOTIATED)
         enable: list[str] = args.get("enable", [])
         unavailable = [cap for cap in enable if not (cap == "oob" and self.offer_oob)]
         if unavailable:
-            return generic(f"Capability {', '.join(unavailable)} not available")
+            raise generic(f"Capability {', '.join(unavailable)} not available")
         self.negotiated = True
         self.oob_enabled = "oob" in enable
-        return None

@@ -123,7 +123,7 @@ class Member:
 class Struct(QAPIType):
     """A JSON object with declared members; ``base`` members come first, as in QAPI."""
 
-    def __init__(self, name: str, members: Sequence[Member], base: Struct | None = None):
+    def __init__(self, name: str, members: Sequence[Member], base: Struct | None = None) -> None:
         self.name = name
         self.members: tuple[Member, ...] = (base.members if base else ()) + tuple(members)
         self.by_name = {m.name: m for m in self.members}
@@ -170,13 +170,24 @@ class ListOf(QAPIType):
 @dataclass(frozen=True, slots=True, init=False)
 class Alternate(QAPIType):
     """One of several types told apart by JSON type (object, string, number, bool, null);
-    e.g. ``BlockdevRef`` = ``Alternate("BlockdevRef", [BLOCKDEV_OPTIONS, STR])``."""
+    e.g. ``BlockdevRef`` = ``Alternate("BlockdevRef", [BLOCKDEV_OPTIONS, STR])``.
+
+    A recursive schema declares the alternate with the branches that exist so far and
+    completes it with :meth:`set_branches` once the recursive type exists.
+    """
 
     name: str
     branches: tuple[QAPIType, ...]
 
     def __init__(self, name: str, branches: Sequence[QAPIType]) -> None:
         object.__setattr__(self, "name", name)
+        self.set_branches(branches)
+
+    def set_branches(self, branches: Sequence[QAPIType]) -> None:
+        """(Re)define the branches: at most one per JSON type, none a list or ``any``."""
+        kinds = [_json_kind(b) for b in branches]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"{self.name}: two branches for one JSON type")
         object.__setattr__(self, "branches", tuple(branches))
 
     def branch_for(self, value: object) -> QAPIType | None:

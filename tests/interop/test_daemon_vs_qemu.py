@@ -1,0 +1,716 @@
+"""bitbackd against real QEMU 7.2 over QMP: the block graph, dirty bitmaps, HMP ``qemu-io``,
+blkdebug, ``device_add`` and ``block_resize`` (no backup jobs yet).
+
+Every process is started the way the seed's harness starts one (spec section 1):
+``PROG -nodefaults -display none -accel tcg -S -chardev socket,id=mon,path=SOCK -mon
+chardev=mon,mode=control [-drive if=virtio,id=drive0,file=IMG,format=qcow2]``, where PROG is
+bitbackd or ``qemu-system-x86_64`` and the harness listens on SOCK.
+
+Two kinds of tests:
+
+* **parametrized over the backend**: one test body, run once against bitbackd and once against
+  QEMU, asserting QEMU 7.2's values (the seed's bitmap check; the xfail tests at the end, where
+  the QEMU run shows that the assertion is QEMU's behaviour and the bitbackd run is expected
+  to fail until the bug named in its reason is fixed);
+* **twin scenarios**: a scenario runs on both backends, each on its own copy of the images, and
+  every reply it records must be the same once normalized: temporary directories become
+  ``<DIR>``, automatic node names ``#block<N>``, and ``actual-size`` (disk usage, up to the
+  file system) is dropped. Scenarios also pin the numbers QEMU gave (counts, digests, error
+  texts), so that agreeing on a wrong answer fails too.
+
+Documented differences, allowed and checked rather than ignored:
+
+* bitmaps in ``query-block`` (spec 3.5, 12): bitbackd also lists them at the entry's top level
+  with the seed-era ``status``; :func:`helpers.seedsetup.device_bitmaps` is the one place that
+  knows;
+* HMP ``qemu-io`` (spec 3.8): QEMU replies ``""`` and prints the output on its stdout,
+  bitbackd returns the output; :meth:`helpers.seedsetup.HarnessVM.io` reads either. Texts that
+  the monitor itself returns (``Error: ...``, parse errors) are replies on both;
+* ``device_del`` (spec 3.9): QEMU under ``-S`` waits forever for the guest to release the
+  device, so it stays listed and a second ``device_del`` says "already in the process of
+  unplug"; bitbackd completes at once and sends ``DEVICE_DELETED`` (twice, as QEMU does for a
+  virtio-blk-pci device). Only the first reply is compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.imagetools import check_image, compare
+from helpers.procs import run
+from helpers.seedsetup import (
+    QEMU72_VECTORS,
+    SETUP_PATTERNS,
+    VECTOR_BITMAPS,
+    VECTOR_STEPS,
+    WRITES_1,
+    WRITES_2,
+    HarnessVM,
+    device_bitmaps,
+    hmp_writes,
+    make_seed_image,
+)
+from helpers.vm import BACKENDS, HARNESS_OPTIONS, drive_args, emulator_argv
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(120)]
+
+KiB, MiB = 1 << 10, 1 << 20
+TOOLSETS = ("qemu", "bitback")
+
+# The seed's drive1 patterns (do_transaction_failure_test).
+DRIVE1_PATTERNS = (("0x14", "0", "512"), ("0x5d", "1M", "32k"), ("0xcd", "32M", "124k"))
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def toolsets(qemu_img: str, qemu_io: str, bitback_img: list[str],
+             bitback_io: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """(img tool, io tool) argv prefixes per tool set."""
+    return {"qemu": ([qemu_img], [qemu_io]), "bitback": (bitback_img, bitback_io)}
+
+
+@pytest.fixture
+def launch(qemu_system: str) -> Iterator[Callable[..., HarnessVM]]:
+    """Start a process under test; every one started is killed (if still alive) at teardown."""
+    started: list[HarnessVM] = []
+
+    def start(backend: str, args: Iterable[str] = ()) -> HarnessVM:
+        vm = HarnessVM(backend, list(args))
+        started.append(vm)
+        return vm.launch()
+
+    yield start
+    for vm in started:
+        vm.__exit__(None, None, None)
+
+
+def quit_vm(vm: HarnessVM) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """``quit``: its reply, the events that came with it, and the exit status."""
+    assert vm.proc is not None and vm.monitor is not None
+    reply = vm.qmp("quit")
+    events = vm.events()
+    with contextlib.suppress(Exception):  # the peer is gone; closing may say so
+        vm.monitor.close()
+    vm.proc.wait(timeout=vm.timeout)
+    vm.exitcode = vm.proc.returncode
+    return reply, events, vm.exitcode
+
+
+# ------------------------------------------------------------------------------ twin runs
+
+_AUTO_NODE = re.compile(r"#block\d+")
+
+
+def _without(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without(v, key) for v in value]
+    return value
+
+
+class Session:
+    """One backend's run of a twin scenario: its VM, its directory and its normalized log."""
+
+    def __init__(self, vm: HarnessVM, workdir: Path) -> None:
+        self.vm = vm
+        self.backend = vm.backend
+        self.dir = workdir
+        self.log: list[tuple[str, Any]] = []
+
+    def normalize(self, value: Any) -> Any:
+        text = json.dumps(value, sort_keys=True).replace(str(self.dir), "<DIR>")
+        return _without(json.loads(_AUTO_NODE.sub("#block<N>", text)), "actual-size")
+
+    def note(self, label: str, value: Any) -> None:
+        self.log.append((self.normalize(label), self.normalize(value)))
+
+    def qmp(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
+        """Run and record a command; returns the raw reply."""
+        reply = self.vm.qmp(cmd, **kwargs)
+        self.note(f"{cmd} {json.dumps(kwargs, sort_keys=True)}", reply)
+        return reply
+
+    def ok(self, cmd: str, **kwargs: Any) -> Any:
+        reply = self.qmp(cmd, **kwargs)
+        assert "return" in reply, f"{self.backend}: {cmd} {kwargs}: {reply}"
+        return reply["return"]
+
+    def error(self, cmd: str, **kwargs: Any) -> tuple[str, str]:
+        """Run a command that must fail; (class, desc), the desc normalized."""
+        reply = self.qmp(cmd, **kwargs)
+        assert "error" in reply, f"{self.backend}: {cmd} {kwargs} succeeded: {reply}"
+        return reply["error"]["class"], self.normalize(reply["error"]["desc"])
+
+    def io(self, device: str, command: str) -> str:
+        """HMP qemu-io output (either reply shape), recorded."""
+        text = self.vm.io(device, command)
+        self.note(f"qemu-io {device} {command}", text)
+        return text
+
+    def hmp(self, line: str) -> str:
+        """A monitor line whose *reply* is compared (monitor errors, parse errors)."""
+        return str(self.ok("human-monitor-command", command_line=line))
+
+    def find_entry(self, device: str) -> dict[str, Any] | None:
+        """The query-block entry of a device name, or of the node a device_add attached."""
+        for entry in self.vm.ok("query-block"):
+            if device in (entry["device"], entry["inserted"]["node-name"]):
+                return dict(entry)
+        return None
+
+    def entry(self, device: str = "drive0") -> dict[str, Any]:
+        entry = self.find_entry(device)
+        assert entry is not None, f"{self.backend}: no query-block entry for {device}"
+        return entry
+
+    def bitmaps(self, device: str = "drive0") -> list[dict[str, Any]]:
+        """The bitmaps (7.2 shape, newest first) with their digests, recorded: from
+        query-block, or from query-named-block-nodes for a node without a device."""
+        info = self.find_entry(device)
+        if info is None:
+            nodes = self.vm.ok("query-named-block-nodes")
+            info = next((n for n in nodes if n["node-name"] == device), None)
+            assert info is not None, f"{self.backend}: no node {device}"
+        found = device_bitmaps(self.backend, info)
+        for bm in found:
+            bm["sha256"] = self.vm.ok("x-debug-block-dirty-bitmap-sha256", node=device,
+                                      name=bm["name"])["sha256"]
+        self.note(f"bitmaps of {device}", found)
+        return found
+
+    def bitmap(self, name: str, device: str = "drive0") -> dict[str, Any]:
+        for bm in self.bitmaps(device):
+            if bm["name"] == name:
+                return bm
+        raise AssertionError(f"{self.backend}: no bitmap {name} on {device}")
+
+    def count(self, name: str, device: str = "drive0") -> int:
+        return int(self.bitmap(name, device)["count"])
+
+
+def assert_same_logs(sessions: dict[str, Session]) -> None:
+    """Every recorded step must match between the backends, in order."""
+    bb, qe = sessions["bitback"].log, sessions["qemu"].log
+    for index, ((label_b, value_b), (label_q, value_q)) in enumerate(zip(bb, qe, strict=False)):
+        assert label_b == label_q, f"step {index}: scenario diverged ({label_b} / {label_q})"
+        if value_b != value_q:
+            raise AssertionError(
+                f"step {index}, {label_b}: bitbackd and QEMU 7.2 differ\n"
+                f"--- bitbackd ---\n{json.dumps(value_b, indent=1)}\n"
+                f"--- QEMU 7.2 ---\n{json.dumps(value_q, indent=1)}"
+            )
+    assert len(bb) == len(qe), f"{len(bb)} steps on bitbackd, {len(qe)} on QEMU"
+
+
+Prepare = Callable[[Path], list[str]]
+Scenario = Callable[[Session], None]
+
+
+@pytest.fixture
+def twin(tmp_path: Path, launch: Callable[..., HarnessVM]) -> Callable[..., dict[str, Session]]:
+    """``twin(prepare, scenario)``: for each backend, ``prepare(dir)`` makes the images in a
+    fresh directory and returns the extra command-line arguments; then the scenario runs on
+    a launched process; finally the logs are compared."""
+
+    def run_both(prepare: Prepare, scenario: Scenario) -> dict[str, Session]:
+        sessions = {}
+        for backend in BACKENDS:
+            workdir = tmp_path / backend
+            workdir.mkdir()
+            session = Session(launch(backend, prepare(workdir)), workdir)
+            scenario(session)
+            sessions[backend] = session
+        assert_same_logs(sessions)
+        return sessions
+
+    return run_both
+
+
+@pytest.fixture
+def seed_drive(qemu_img: str, qemu_io: str) -> Prepare:
+    """The seed's drive0 (made with QEMU's tools), attached with ``-drive``."""
+
+    def prepare(workdir: Path) -> list[str]:
+        img = make_seed_image([qemu_img], [qemu_io], workdir / "drive0.qcow2")
+        return drive_args(img)
+
+    return prepare
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": KiB, "M": MiB}
+    m = re.fullmatch(r"(\d+)([kM]?)", text)
+    assert m, text
+    return int(m.group(1)) * units[m.group(2)]
+
+
+def granules(patterns: Iterable[tuple[str, str, str]], granularity: int) -> set[int]:
+    """Granule indices a list of seed-style writes dirties (the set model)."""
+    out: set[int] = set()
+    for _, offset, length in patterns:
+        start, end = _size(offset), _size(offset) + _size(length)
+        out |= set(range(start // granularity, (end - 1) // granularity + 1))
+    return out
+
+
+# ------------------------------------------------------------------ the seed's bitmap check
+
+
+@pytest.mark.parametrize("tools", TOOLSETS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_setup_then_bitmap_check(backend: str, tools: str, tmp_path: Path,
+                                      launch: Callable[..., HarnessVM], qemu_img: str,
+                                      toolsets: dict[str, tuple[list[str], list[str]]]) -> None:
+    """The seed's setUp (image made with either tool set) and test_larger_cluster_target's
+    bitmap check: bitmap0 counts 458752 at granularity 65536, active, not persistent."""
+    img = make_seed_image(*toolsets[tools], tmp_path / "drive0.qcow2")
+    vm = launch(backend, drive_args(img))
+
+    # The exact harness command line of spec section 1.
+    assert vm.proc is not None
+    prefix = emulator_argv(backend)
+    assert prefix[-len(HARNESS_OPTIONS):] == HARNESS_OPTIONS == [
+        "-nodefaults", "-display", "none", "-accel", "tcg", "-S"]
+    assert vm.proc.args[len(prefix):] == [
+        "-chardev", f"socket,id=mon,path={vm.sock}",
+        "-mon", "chardev=mon,mode=control",
+        "-drive", f"if=virtio,id=drive0,file={img},format=qcow2",
+    ]
+
+    assert vm.ok("block-dirty-bitmap-add", node="drive0", name="bitmap0") == {}
+    hmp_writes(vm, "drive0", WRITES_1)
+    result = vm.qmp("query-block")
+    entry = result["return"][0]
+    assert entry["device"] == "drive0"
+    bitmaps = device_bitmaps(backend, entry)
+    assert bitmaps == [{"name": "bitmap0", "count": 458752, "granularity": 65536,
+                        "recording": True, "busy": False, "persistent": False}]
+    if backend == "bitback":
+        # The seed's own paths (return[0]/dirty-bitmaps[0]/...), pre-6.0 shape.
+        seed_view = result["return"][0]["dirty-bitmaps"][0]
+        assert seed_view["name"] == "bitmap0"
+        assert seed_view["count"] == 458752
+        assert seed_view["granularity"] == 65536
+        assert seed_view["status"] == "active"
+        assert seed_view["persistent"] is False
+    digest = vm.ok("x-debug-block-dirty-bitmap-sha256", node="drive0", name="bitmap0")
+    assert digest == {"sha256": QEMU72_VECTORS[3][1]["b64k"][1]}
+
+    # The offline patterns survive where the HMP writes did not reach.
+    assert vm.io("drive0", "read -P0xd5 1M 32k") == "read 32768/32768 bytes at offset 1048576"
+    assert vm.io("drive0", "read -P0xdc 32800k 92k") == (
+        "read 94208/94208 bytes at offset 33587200")
+    assert vm.shutdown() == 0
+    check_image(qemu_img, img)
+
+
+# ------------------------------------------------------------------ bitmaps, twin scenarios
+
+
+SEED_COUNTS = {  # granularity -> (after WRITES_1, after a clear and WRITES_2), spec 5.2 / 10
+    32 * KiB: (360448, 1441792),
+    64 * KiB: (458752, 1507328),
+    128 * KiB: (655360, 1572864),
+}
+
+
+@pytest.mark.parametrize("granularity", sorted(SEED_COUNTS))
+def test_seed_write_batches_per_granularity(granularity: int, twin: Any,
+                                            seed_drive: Prepare) -> None:
+    """Counts of test_small/large_granularity and test_incremental_simple: the first batch,
+    then (a backup clears the bitmap) the second batch; a second bitmap keeps both."""
+    first, second = SEED_COUNTS[granularity]
+    both = len(granules(WRITES_1, granularity) | granules(WRITES_2, granularity)) * granularity
+
+    def scenario(s: Session) -> None:
+        s.ok("block-dirty-bitmap-add", node="drive0", name="bitmap0", granularity=granularity)
+        s.ok("block-dirty-bitmap-add", node="drive0", name="total", granularity=granularity)
+        hmp_writes(s.vm, "drive0", WRITES_1)
+        assert s.count("bitmap0") == first == s.count("total"), s.backend
+        s.ok("block-dirty-bitmap-clear", node="drive0", name="bitmap0")
+        assert s.count("bitmap0") == 0, s.backend
+        hmp_writes(s.vm, "drive0", WRITES_2)
+        assert s.count("bitmap0") == second, s.backend
+        assert s.count("total") == both, s.backend
+
+    twin(seed_drive, scenario)
+
+
+def test_bitmaps_are_listed_newest_first(twin: Any, seed_drive: Prepare) -> None:
+    def names(s: Session) -> list[str]:
+        listed = [bm["name"] for bm in s.bitmaps()]
+        node = s.entry()["inserted"]["node-name"]
+        for info in s.vm.ok("query-named-block-nodes"):
+            if info["node-name"] == node:
+                shown = [bm["name"] for bm in info.get("dirty-bitmaps", [])]
+                assert shown == listed, s.backend
+        return listed
+
+    def scenario(s: Session) -> None:
+        for g in (32768, 65536, 131072):
+            s.ok("block-dirty-bitmap-add", node="drive0", name=f"g{g}", granularity=g)
+        s.ok("block-dirty-bitmap-add", node="drive0", name="late")
+        assert names(s) == ["late", "g131072", "g65536", "g32768"], s.backend
+        s.ok("block-dirty-bitmap-remove", node="drive0", name="g65536")
+        s.ok("block-dirty-bitmap-add", node="drive0", name="g65536", disabled=True)
+        assert names(s) == ["g65536", "late", "g131072", "g32768"], s.backend
+        for name in ("late", "g131072", "g32768", "g65536"):
+            s.ok("block-dirty-bitmap-remove", node="drive0", name=name)
+        assert names(s) == [], s.backend
+        assert "dirty-bitmaps" not in s.entry()["inserted"], s.backend
+
+    twin(seed_drive, scenario)
+
+
+def test_bitmap_commands_and_their_errors(twin: Any, seed_drive: Prepare) -> None:
+    """add / clear / enable / disable / remove / merge (by name and by {node, name}), with
+    QEMU 7.2's error texts, and the digests after each change."""
+    not_found = ("GenericError", "Dirty bitmap 'nosuch' not found")
+    no_node = ("GenericError", "Node 'nosuch' not found")
+
+    def scenario(s: Session) -> None:
+        add = "block-dirty-bitmap-add"
+        s.ok(add, node="drive0", name="bitmap0")
+        s.ok(add, node="drive0", name="fine", granularity=512)
+        s.ok(add, node="drive0", name="off", disabled=True)
+        assert s.error(add, node="drive0", name="bitmap0") == (
+            "GenericError", "Bitmap already exists: bitmap0")
+        assert s.error(add, node="drive0", name="") == (
+            "GenericError", "Bitmap name cannot be empty")
+        assert s.error(add, node="drive0", name="x" * 1024)[1].startswith(
+            "Bitmap name too long: xxx")
+        assert s.error(add, node="nosuch", name="x") == (
+            "GenericError", "Cannot find device='nosuch' nor node-name='nosuch'")
+        bad = ("GenericError", "Granularity must be power of 2 and at least 512")
+        for granularity in (0, 256, 64000, 3 * 65536):
+            assert s.error(add, node="drive0", name="g", granularity=granularity) == bad
+        assert s.error(add, node="drive0", name="g", granularity=1 << 32) == (
+            "GenericError", "Parameter 'granularity' expects uint32_t")
+        assert s.error(add, node="drive0", name="g", granularity="64k") == (
+            "GenericError", "Parameter 'granularity' expects uint64")
+        assert s.error(add, node="drive0") == ("GenericError", "Parameter 'name' is missing")
+        assert s.error(add, node="drive0", name="g", bogus=1) == (
+            "GenericError", "Parameter 'bogus' is unexpected")
+
+        hmp_writes(s.vm, "drive0", WRITES_1)
+        assert [bm["name"] for bm in s.bitmaps()] == ["off", "fine", "bitmap0"], s.backend
+        assert s.count("bitmap0") == 458752 and s.count("off") == 0, s.backend
+        assert s.count("fine") == QEMU72_VECTORS[3][1]["g512"][0], s.backend
+
+        for verb in ("clear", "enable", "disable", "remove"):
+            cmd = f"block-dirty-bitmap-{verb}"
+            assert s.error(cmd, node="drive0", name="nosuch") == not_found
+            assert s.error(cmd, node="nosuch", name="bitmap0") == no_node
+            assert s.error(cmd, node="drive0") == ("GenericError", "Parameter 'name' is missing")
+        sha = "x-debug-block-dirty-bitmap-sha256"
+        assert s.error(sha, node="drive0", name="nosuch") == not_found
+        assert s.error(sha, node="nosuch", name="bitmap0") == no_node
+
+        # Enable and disable are idempotent; a disabled bitmap records nothing.
+        s.ok("block-dirty-bitmap-disable", node="drive0", name="bitmap0")
+        s.ok("block-dirty-bitmap-disable", node="drive0", name="bitmap0")
+        assert s.bitmap("bitmap0")["recording"] is False, s.backend
+        s.io("drive0", "write 40M 1")
+        assert s.count("bitmap0") == 458752, s.backend
+        s.ok("block-dirty-bitmap-enable", node="drive0", name="bitmap0")
+        s.ok("block-dirty-bitmap-enable", node="drive0", name="bitmap0")
+        s.io("drive0", "write 48M 1")
+        assert s.count("bitmap0") == 458752 + 65536, s.backend
+
+        # Merge: by name, by {node, name}, into a disabled bitmap, into itself, coarse into
+        # fine (whole source granules); errors leave the target alone.
+        merge = "block-dirty-bitmap-merge"
+        s.ok(merge, node="drive0", target="off", bitmaps=["bitmap0"])
+        assert s.count("off") == 458752 + 65536, s.backend
+        s.ok("block-dirty-bitmap-clear", node="drive0", name="off")
+        s.ok(merge, node="drive0", target="off", bitmaps=[{"node": "drive0", "name": "fine"}])
+        s.ok(merge, node="drive0", target="bitmap0", bitmaps=["bitmap0"])
+        # "off" now holds the 64k granules of fine's bits, which include 40M (written while
+        # bitmap0 was disabled); fine gets those whole granules back, and bitmap0's.
+        assert s.count("off") == 458752 + 2 * 65536, s.backend
+        s.ok(merge, node="drive0", target="fine", bitmaps=["bitmap0", "off"])
+        assert s.count("fine") == 458752 + 2 * 65536, s.backend
+        before = s.bitmaps()
+        assert s.error(merge, node="drive0", target="off", bitmaps=["bitmap0", "nosuch"]) == (
+            not_found)
+        assert s.error(merge, node="drive0", target="nosuch", bitmaps=["bitmap0"]) == not_found
+        assert s.error(merge, node="nosuch", target="off", bitmaps=["bitmap0"]) == no_node
+        assert s.error(merge, node="drive0", target="off",
+                       bitmaps=[{"node": "nosuch", "name": "bitmap0"}]) == no_node
+        assert s.error(merge, node="drive0", target="off", bitmaps=[{"name": "bitmap0"}]) == (
+            "GenericError", "Parameter 'bitmaps[0].node' is missing")
+        assert s.error(merge, node="drive0", target="off", bitmaps=[1]) == (
+            "GenericError", "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr")
+        assert s.bitmaps() == before, s.backend
+
+        s.ok("block-dirty-bitmap-clear", node="drive0", name="fine")
+        s.ok("block-dirty-bitmap-remove", node="drive0", name="off")
+        assert s.error("block-dirty-bitmap-remove", node="drive0", name="off") == (
+            "GenericError", "Dirty bitmap 'off' not found")
+        assert [(bm["name"], bm["count"]) for bm in s.bitmaps()] == [
+            ("fine", 0), ("bitmap0", 458752 + 65536)], s.backend
+        assert s.vm.printed() == "", s.backend
+
+    twin(seed_drive, scenario)
+
+
+def test_bitmaps_on_two_nodes_and_merge_across(twin: Any, qemu_img: str, qemu_io: str,
+                                               seed_drive: Prepare) -> None:
+    """Same bitmap name on two nodes; {node, name} sources from another node merge when the
+    sizes agree and fail with QEMU's text when they do not."""
+
+    def prepare(workdir: Path) -> list[str]:
+        make_seed_image([qemu_img], [qemu_io], workdir / "drive1.qcow2",
+                        patterns=DRIVE1_PATTERNS)
+        return seed_drive(workdir)
+
+    def scenario(s: Session) -> None:
+        s.ok("blockdev-add", node_name="drive1", driver="qcow2",
+             file={"driver": "file", "filename": str(s.dir / "drive1.qcow2")})
+        s.ok("block-dirty-bitmap-add", node="drive0", name="bitmap0")
+        s.ok("block-dirty-bitmap-add", node="drive1", name="bitmap0", granularity=1 * MiB)
+        s.io("drive1", "write -P0xba 100 1")
+        s.io("drive0", "write -P0xab 70000 1")
+        s.ok("block-dirty-bitmap-merge", node="drive0", target="bitmap0",
+             bitmaps=[{"node": "drive1", "name": "bitmap0"}])
+        assert s.count("bitmap0") == 16 * 65536, s.backend  # [0, 1M) from drive1's granule 0
+        assert s.vm.bitmap_info("drive1", "bitmap0")["count"] == 1 * MiB, s.backend
+        s.ok("block_resize", node_name="drive1", size=1 * MiB)
+        assert s.error("block-dirty-bitmap-merge", node="drive0", target="bitmap0",
+                       bitmaps=[{"node": "drive1", "name": "bitmap0"}]) == (
+            "GenericError",
+            "Bitmaps are of different sizes (destination size is 67108864, source size is "
+            "1048576) and can't be merged")
+        s.bitmaps()
+
+    twin(prepare, scenario)
+
+
+def test_qemu72_sha256_vectors(twin: Any, qemu_img: str, qemu_io: str) -> None:
+    """The probe's vector session replayed on both: writes, growth, a write past the old
+    end, clear and merges, a shrink and an unaligned growth; counts and digests at every
+    step equal QEMU 7.2's recorded ones (helpers.seedsetup.QEMU72_VECTORS)."""
+
+    def prepare(workdir: Path) -> list[str]:
+        img = workdir / "vec.qcow2"
+        make_seed_image([qemu_img], [qemu_io], img, patterns=[("0x41", "0", "512")])
+        return drive_args(img)
+
+    def scenario(s: Session) -> None:
+        for name, granularity in VECTOR_BITMAPS.items():
+            extra = {} if granularity is None else {"granularity": granularity}
+            s.ok("block-dirty-bitmap-add", node="drive0", name=name, **extra)
+        for step, actions in enumerate(VECTOR_STEPS):
+            for action in actions:
+                if action[0] == "write":
+                    s.io("drive0", f"write {action[1]} {action[2]}")
+                elif action[0] == "resize":
+                    s.ok("block_resize", device="drive0", size=action[1])
+                elif action[0] == "clear":
+                    s.ok("block-dirty-bitmap-clear", node="drive0", name=action[1])
+                else:
+                    s.ok("block-dirty-bitmap-merge", node="drive0", target=action[1],
+                         bitmaps=[action[2]])
+            size, want = QEMU72_VECTORS[step]
+            assert s.entry()["inserted"]["image"]["virtual-size"] == size, s.backend
+            got = {bm["name"]: (bm["count"], bm["sha256"]) for bm in s.bitmaps()}
+            assert got == want, f"{s.backend}, step {step}"
+
+    twin(prepare, scenario)
+
+
+def test_block_resize_grows_and_shrinks_bitmaps(twin: Any, seed_drive: Prepare) -> None:
+    """test_growing_before_backup's part before the backup, then a shrink and regrowth, and
+    block_resize's errors."""
+
+    def scenario(s: Session) -> None:
+        s.ok("block-dirty-bitmap-add", node="drive0", name="bitmap0")
+        s.ok("block-dirty-bitmap-add", node="drive0", name="fine", granularity=512)
+        s.ok("block_resize", device="drive0", size=65 * MiB)
+        assert s.entry()["inserted"]["image"]["virtual-size"] == 65 * MiB, s.backend
+        assert s.count("bitmap0") == 0, s.backend
+        assert s.io("drive0", "write 64M 64k") == "wrote 65536/65536 bytes at offset 67108864"
+        assert s.count("bitmap0") == 65536, s.backend  # granule 1024, past the old end
+        # A write that crosses the end fails and marks nothing.
+        assert s.io("drive0", f"write {65 * MiB - 512} 1k") == "write failed: Input/output error"
+        assert s.count("fine") == 65536, s.backend
+        # Shrinking drops the bits past the end; growing again brings clean granules.
+        s.ok("block_resize", device="drive0", size=64 * MiB)
+        assert s.count("bitmap0") == 0 and s.count("fine") == 0, s.backend
+        s.ok("block_resize", device="drive0", size=64 * MiB + 512)
+        assert s.count("bitmap0") == 0, s.backend
+        s.io("drive0", f"write {64 * MiB + 511} 1")
+        assert s.count("bitmap0") == 65536 and s.count("fine") == 512, s.backend  # not clipped
+        # A shrink inside a granule keeps that granule's bit.
+        s.io("drive0", f"write {32 * MiB + 4096} 512")
+        s.ok("block_resize", node_name=s.entry()["inserted"]["node-name"],
+             size=32 * MiB + 8192)
+        assert s.count("bitmap0") == 65536 and s.count("fine") == 512, s.backend
+
+        size = 32 * MiB + 8192
+        assert s.error("block_resize", device="drive0", size=size + 1) == (
+            "GenericError", "The new size must be a multiple of 512")
+        assert s.error("block_resize", device="drive0", size=-1) == (
+            "GenericError", "Parameter 'size' expects a >0 size")
+        assert s.error("block_resize", device="nosuch", size=size) == (
+            "GenericError", "Cannot find device='nosuch' nor node-name=''")
+        assert s.error("block_resize", node_name="nosuch", size=size) == (
+            "GenericError", "Cannot find device='' nor node-name='nosuch'")
+        assert s.error("block_resize", size=size) == (
+            "GenericError", "Cannot find device='' nor node-name=''")
+        assert s.error("block_resize", device="drive0") == (
+            "GenericError", "Parameter 'size' is missing")
+        nodes = s.vm.ok("query-named-block-nodes", flat=True)
+        protocol = next(n["node-name"] for n in nodes if n["drv"] == "file")
+        assert s.error("block_resize", node_name=protocol, size=size)[1] == (
+            "Permission conflict on node '#block<N>': permissions 'resize' are both required "
+            "by an unnamed block device (uses node '#block<N>' as 'root' child) and unshared "
+            "by node '#block<N>' (uses node '#block<N>' as 'file' child).")
+        assert s.entry()["inserted"]["image"]["virtual-size"] == size, s.backend
+        s.bitmaps()
+
+    twin(seed_drive, scenario)
+
+
+def test_write_zeroes_and_ignored_discard_mark_bitmaps(twin: Any, seed_drive: Prepare) -> None:
+    """``write -z`` marks like a write; with the -drive default discard=ignore a discard is
+    reported done but reaches nothing, so it marks nothing and the data stays."""
+
+    def scenario(s: Session) -> None:
+        s.ok("block-dirty-bitmap-add", node="drive0", name="bitmap0", granularity=4096)
+        assert s.io("drive0", "discard 0 1M") == "discard 1048576/1048576 bytes at offset 0"
+        assert s.count("bitmap0") == 0, s.backend
+        assert s.io("drive0", "read -P0x41 0 512") == "read 512/512 bytes at offset 0"
+        s.io("drive0", "write -z 2M 100")
+        s.io("drive0", "write -z -u 4M 64k")
+        s.io("drive0", "write -z 1M 0")
+        assert s.count("bitmap0") == 4096 + 65536, s.backend
+        s.io("drive0", "discard 67108000 2000")
+        assert s.count("bitmap0") == 4096 + 65536, s.backend
+
+    twin(seed_drive, scenario)
+
+
+# ------------------------------------------------------------------------ HMP qemu-io
+
+
+def test_hmp_qemu_io_texts(twin: Any, seed_drive: Prepare) -> None:
+    """The monitor's own texts are replies on both backends; qemu-io's output is compared
+    through :meth:`HarnessVM.io` (the documented reply-shape difference)."""
+
+    def scenario(s: Session) -> None:
+        assert s.hmp('qemu-io nosuch "read 0 512"') == (
+            "Error: Cannot find device='' nor node-name='nosuch'\r\n")
+        assert s.hmp('qemu-io -d nosuch "read 0 1"') == "Error: Device 'nosuch' not found\r\n"
+        assert s.hmp('qemu-io -d drive0 "read 0 1"') == "Error: Device 'drive0' not found\r\n"
+        assert s.hmp("qemu-io drive0 read 0 512") == (
+            "qemu-io: extraneous characters at the end of line\r\n"
+            'Try "help qemu-io" for more information\r\n')
+        assert s.hmp("qemu-io") == (
+            "qemu-io: block device name expected\r\n"
+            'Try "help qemu-io" for more information\r\n')
+        assert s.hmp("bogus") == "unknown command: 'bogus'\r\n"
+        assert s.hmp("") == ""
+        assert s.error("human-monitor-command") == (
+            "GenericError", "Parameter 'command-line' is missing")
+
+        assert s.io("drive0", "read -P0x41 0 512") == "read 512/512 bytes at offset 0"
+        assert s.io("drive0", "read -P0x00 0 512") == (
+            "Pattern verification failed at offset 0, 512 bytes\n"
+            "read 512/512 bytes at offset 0")
+        assert s.io("drive0", "write -P0xab 0 512") == "wrote 512/512 bytes at offset 0"
+        assert s.io("drive0", "write 64M 512") == "write failed: Input/output error"
+        assert s.io("drive0", "bogus") == 'command "bogus" not found'
+        assert s.io("drive0", "flush") == ""
+        node = s.entry()["inserted"]["node-name"]
+        assert s.io(node, "read -P0xab 0 512") == "read 512/512 bytes at offset 0"
+
+    twin(seed_drive, scenario)
+
+
+# --------------------------------------------------------------------------- blkdebug
+
+RULE_FLUSH_1_TO_2 = {"event": "flush_to_disk", "state": 1, "new_state": 2}
+RULE_EIO_ONCE = {"event": "read_aio", "errno": 5, "immediately": False, "once": True}
+READ_OK = ("read 0 512", "read 512/512 bytes at offset 0")
+READ_EIO = ("read 0 512", "read failed: Input/output error")
+# 8M was never allocated in the seed's images: no read_aio, so neither the state nor the rule
+# is touched.
+READ_HOLE = ("read 8M 512", "read 512/512 bytes at offset 8388608")
+
+# Spec 7.3 (and 7.1 for the last): name -> (node, with -drive drive0?, set-state rules,
+# inject-error rules, device_add after the writes?, reads after the writes and flush).
+BLKDEBUG_SCRIPTS: dict[str, tuple[str, bool, list[Any], list[Any], bool, list[Any]]] = {
+    "transaction_failure": (
+        "drive1", True, [RULE_FLUSH_1_TO_2], [{**RULE_EIO_ONCE, "state": 2}], False,
+        [READ_HOLE, READ_EIO, READ_OK, READ_HOLE, READ_OK],
+    ),
+    "incremental_failure": (
+        "drive0", False, [RULE_FLUSH_1_TO_2], [{**RULE_EIO_ONCE, "state": 2}], False,
+        [READ_HOLE, READ_EIO, READ_OK, READ_HOLE, READ_OK],
+    ),
+    "incremental_pause": (
+        "drive0", False,
+        [RULE_FLUSH_1_TO_2, {"event": "read_aio", "state": 2, "new_state": 3}],
+        [{**RULE_EIO_ONCE, "state": 3}], True,
+        [READ_HOLE, READ_EIO, READ_OK, READ_HOLE, READ_OK],
+    ),
+    "every_read": (
+        "drive0", False, [RULE_FLUSH_1_TO_2], [{**RULE_EIO_ONCE, "state": 2, "once": False}],
+        False, [READ_HOLE, READ_EIO, READ_EIO, READ_HOLE, READ_EIO],
+    ),
+}
+
+
+@pytest.mark.parametrize("script", sorted(BLKDEBUG_SCRIPTS))
+def test_blkdebug_scripts(script: str, twin: Any, qemu_img: str, qemu_io: str) -> None:
+    """The blkdebug node of spec 3.1 with the scripts of spec 7.3, driven through HMP: a
+    flush right after open raises nothing; writes + flush move 1 -> 2; (pause script) the
+    device_add geometry read moves 2 -> 3; then the next read of allocated data fails with
+    EIO, once (every time with once=false), and reads of holes never consume the rule."""
+    node, with_drive, set_state, inject, device_add, reads = BLKDEBUG_SCRIPTS[script]
+    patterns = DRIVE1_PATTERNS if node == "drive1" else SETUP_PATTERNS
+
+    def prepare(workdir: Path) -> list[str]:
+        make_seed_image([qemu_img], [qemu_io], workdir / f"{node}.qcow2", patterns=patterns)
+        if with_drive:
+            return drive_args(make_seed_image([qemu_img], [qemu_io], workdir / "drive0.qcow2"))
+        return []
+
+    def scenario(s: Session) -> None:
+        s.ok("blockdev-add", node_name=node, driver="qcow2", file={
+            "driver": "blkdebug",
+            "image": {"driver": "file", "filename": str(s.dir / f"{node}.qcow2")},
+            "set-state": set_state,
+            "inject-error": inject,
+        })
+        s.ok("block-dirty-bitmap-add", node=node, name="bitmap0")
+        assert s.io(node, "flush") == "", s.backend  # nothing written: no flush_to_disk
+        assert s.io(node, READ_OK[0]) == READ_OK[1], s.backend  # state 1: no rule applies
+        hmp_writes(s.vm, node, WRITES_1)  # writes, then the flush that moves 1 -> 2
+        if device_add:
+            s.ok("device_add", id="device0", drive=node, driver="virtio-blk")
+            entry = s.entry(node)
+            assert (entry["device"], entry["qdev"]) == (
+                "", "/machine/peripheral/device0/virtio-backend"), s.backend
+        # test_incremental_pause's check before its backup (by node when there is no device).
+        assert s.bitmaps(node) == [{
+            "name": "bitmap0", "count": 458752, "granularity": 65536, "recording": True,
+            "busy": False, "persistent": False,
+            "sha256": QEMU72_VECTORS[3][1]["b64k"][1]}], s.backend
+        got = [(command, s.io(node, command)) for command, _ in reads]
+        assert got == reads, s.backend
+        assert s.count("bitmap0", node) == 458752, s.backend  # reads mark nothing
+
+    twin(prepare, scenario)
