@@ -1,10 +1,10 @@
 """blkdebug fault injection and the generic node layer, in process, over real image files.
 
-Every test builds the seed's stack with :meth:`BlockGraph.add_blockdev` (a qcow2 node over a
-blkdebug node over a file node, options shaped as QMP's ``blockdev-add`` passes them) and drives
-the qcow2 node directly: no daemon, no QMP. The blkdebug node is instrumented so a test sees
-what crossed the qcow2 -> blkdebug link (events, with the state each one found) and which
-requests went on to the file below.
+Most tests build the seed's stack with :meth:`BlockGraph.add_blockdev` (a qcow2 node over a
+blkdebug node over a file node, options shaped as QMP's ``blockdev-add`` passes them; a few put
+raw on top instead) and drive the format node directly: no daemon, no QMP. The blkdebug node
+is instrumented so a test sees what crossed the format -> blkdebug link (events, with the state
+each one found) and which requests went on to the file below.
 
 Expected behaviour is QEMU 7.2's (spec 7.1-7.3). Where a docstring says "qemu-io 7.2 shows",
 the same rules and requests were run through real ``qemu-io -t writeback`` on a
@@ -221,11 +221,21 @@ def host_offset(node: BlockNode, guest: int) -> int:
 
 
 def test_state_starts_at_one(open_stack: OpenStack) -> None:
-    """A fresh blkdebug node is in state 1, and opening the qcow2 image above it raises no
-    event (so no rule can fire before the first request)."""
+    """A fresh blkdebug node is in state 1, and opening the qcow2 image above it loads no L2
+    table (a rule on ``l2_load`` has not fired)."""
     s = open_stack(set_states=[set_state("l2_load", 0, 7)])
     assert s.blkdebug.state == 1
-    assert s.events == []
+    assert [event for event, _ in s.events if event != "reftable_load"] == []
+
+
+def test_opening_qcow2_raises_reftable_load(open_stack: OpenStack) -> None:
+    """The refcount table is read at open, announced as ``reftable_load``."""
+    s = open_stack(
+        set_states=[set_state("reftable_load", 1, 2)],
+        inject=[{"event": "read_aio", "state": 2, "once": True}],
+    )
+    assert s.blkdebug.state == 2
+    assert s.read(0) == "EIO"
 
 
 def test_rules_see_the_state_before_the_event(open_stack: OpenStack) -> None:
@@ -448,12 +458,6 @@ def test_one_read_aio_per_contiguous_host_range(open_stack: OpenStack) -> None:
     assert [n for _, n in s.data_reads()] == [CLUSTER, CLUSTER]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: BlockNode.__init__ runs BlockDriver.__init__, whose 'self.backing = None' goes "
-    "through BlockNode's forwarding property and erases the qcow2 driver's backing link: every "
-    "graph-opened overlay reads its unallocated clusters as zeros (qemu-io reads the backing)",
-)
 def test_reads_from_the_backing_file_raise_read_backing_aio(
     tmp_path: Path, image: Path, open_stack: OpenStack
 ) -> None:
@@ -541,12 +545,6 @@ def test_injected_write_error_fails_the_data_write(open_stack: OpenStack) -> Non
     assert s.node.pread(0, 512) == b"\x56" * 512
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a failed allocating write leaves its new cluster allocated (refcount 1, no "
-    "reference): qemu-img check reports 'Leaked cluster'; QEMU frees it "
-    "(qcow2_alloc_cluster_abort) and its image checks clean",
-)
 def test_a_failed_allocating_write_leaks_nothing(
     open_stack: OpenStack, image: Path, qemu_img: str
 ) -> None:
@@ -652,12 +650,6 @@ def test_seed_incremental_pause_script(open_stack: OpenStack) -> None:
 # --------------------------------------------------------------------------- QEMU divergences
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when several set-state rules match one event, bitback keeps the newest "
-    "rule's new_state; QEMU walks each event's rules newest first, so the oldest wins "
-    "(qemu-io 7.2: rules 1->2 then 1->3, inject at 2 -> ok, EIO, EIO)",
-)
 def test_conflicting_set_state_rules_first_defined_wins(open_stack: OpenStack) -> None:
     """Two set-state rules for one event and state: QEMU applies the first one defined."""
     s = open_stack(
@@ -668,24 +660,12 @@ def test_conflicting_set_state_rules_first_defined_wins(open_stack: OpenStack) -
     assert s.blkdebug.state == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an inject rule with errno 0 makes bitback raise IOFailedError(errno=0, "
-    "'Success'); QEMU's rule_check returns success for it (and it shadows later rules: "
-    "qemu-io 7.2 reads ok, ok with rules errno=0 once, errno=5)",
-)
 def test_errno_zero_injects_nothing(open_stack: OpenStack) -> None:
     """``errno: 0`` matches requests but injects no error, and is never consumed."""
     s = open_stack(inject=[{"event": "read_aio", "errno": 0, "once": True}, {"event": "read_aio"}])
     assert [s.read(0) for _ in range(2)] == ["ok", "ok"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bitback's raw driver raises no blkdebug events; QEMU's raw format raises "
-    "read_aio before reads and write_aio before writes (qemu-io 7.2: a read_aio once-rule "
-    "fails the first read of raw-over-blkdebug)",
-)
 def test_raw_format_raises_read_aio_and_write_aio(tmp_path: Path, open_stack: OpenStack) -> None:
     """raw over blkdebug: a read_aio rule fails the first read, a write_aio rule the first
     write."""

@@ -217,13 +217,6 @@ def test_duplicate_sibling_names_in_one_tree_are_refused(
     assert graph.nodes == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _open checks a node's name before opening its children, so a child may take "
-    "the name first; the parent then overwrites graph.nodes[name] and the child vanishes "
-    "from the graph. QEMU names children first and refuses the parent: "
-    "\"Duplicate nodes with node-name='x'\" (7.2 probe)",
-)
 def test_a_parent_named_like_its_child_is_refused(graph: BlockGraph, img: Path) -> None:
     """``{"node-name": "x", "file": {"node-name": "x", ...}}`` fails as a duplicate and
     leaves no node and no open file behind."""
@@ -268,11 +261,6 @@ def test_child_by_reference_is_shared_and_blocks_its_deletion(graph: BlockGraph,
     assert open_fds() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bitback says 'Node file4 is in use'; QEMU checks refcnt > 1 and says "
-    "'Block device file4 is in use' (bdrv_get_device_or_node_name; 7.2 probe, Case 4)",
-)
 def test_deleting_a_referenced_node_uses_qemus_text(graph: BlockGraph, img: Path) -> None:
     """7.2: ``blockdev-del file4`` while ``fmt4`` uses it as ``file`` ->
     ``Block device file4 is in use``."""
@@ -324,12 +312,6 @@ def test_delete_refuses_a_node_attached_to_a_device(graph: BlockGraph, img: Path
     assert not node.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: delete_blockdev checks monitor ownership before use by a device; QEMU checks "
-    "bdrv_has_blk first: 7.2 says 'Node #block197 is in use' for a -drive's root node, "
-    "bitback 'Node #block... is not owned by the monitor'",
-)
 def test_delete_of_a_drive_root_says_in_use(graph: BlockGraph, img: Path) -> None:
     """7.2: ``blockdev-del`` of a ``-drive``'s qcow2 node -> ``Node #block197 is in use``."""
     root = add_drive(graph, img)
@@ -396,13 +378,6 @@ def test_backing_chain_from_the_header_opens_every_level(graph: BlockGraph, chai
     assert top.pread(2 * MiB, 512) == b"\x33" * 512
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: BlockNode.__init__ calls BlockDriver.__init__, whose 'self.backing = None' "
-    "goes through BlockNode's forwarding property and erases the driver's backing link: the "
-    "backing nodes are opened but unreachable, overlays read zeros where QEMU reads the "
-    "backing file, and deleting the overlay leaves the backing nodes open",
-)
 def test_backing_chain_from_the_header_is_linked_and_read_through(
     graph: BlockGraph, chain: Path
 ) -> None:
@@ -421,11 +396,6 @@ def test_backing_chain_from_the_header_is_linked_and_read_through(
     assert graph.nodes == {} and open_fds() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: same backing-link erasure as above: a 'backing' given by reference is "
-    "retained (refs 2) but not linked",
-)
 def test_backing_by_reference(graph: BlockGraph, chain: Path, tmp_path: Path) -> None:
     """``"backing": "base"`` makes an existing node the backing file; deleting the base is
     then refused."""
@@ -562,12 +532,6 @@ def test_a_failing_add_leaves_nothing_behind(
         ),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: backing-open failures lack QEMU's 'Could not open backing file: ' prefix, "
-    "and an unknown reference says device='' where QEMU repeats the reference "
-    "(bdrv_lookup_bs(ref, ref); 7.2 probe)",
-)
 def test_backing_open_errors_use_qemus_text(
     graph: BlockGraph, tmp_path: Path, case: str, message: str
 ) -> None:
@@ -577,12 +541,6 @@ def test_backing_open_errors_use_qemus_text(
     assert str(info.value) == message.format(d=tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an unknown child reference says \"Cannot find device='' nor "
-    "node-name='ref'\"; QEMU looks references up as device and node "
-    "(bdrv_lookup_bs(ref, ref)) and repeats the name (7.2 probe: file=nosuch-node-ref)",
-)
 def test_unknown_file_reference_uses_qemus_text(graph: BlockGraph) -> None:
     """7.2: ``"file": "nosuch-node-ref"`` ->
     ``Cannot find device='nosuch-node-ref' nor node-name='nosuch-node-ref'``."""
@@ -729,12 +687,6 @@ def test_bitmap_name_rules(graph: BlockGraph) -> None:
     assert len(node.bitmaps) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: add_bitmap checks the name before the granularity; QEMU checks the "
-    "granularity first (qmp_block_dirty_bitmap_add), so 7.2 answers a duplicate or too long "
-    "name with a bad granularity 'Granularity must be power of 2 and at least 512'",
-)
 def test_granularity_is_checked_before_the_name(graph: BlockGraph) -> None:
     """7.2: ``add b`` twice, the second with granularity 1000 -> the granularity error."""
     node = graph.add_blockdev({"node-name": "n", "driver": "null-co"})

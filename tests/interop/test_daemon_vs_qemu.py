@@ -37,14 +37,13 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers.imagetools import check_image, compare
+from helpers.imagetools import check_image, compare, info_json
 from helpers.procs import run
 from helpers.seedsetup import (
     QEMU72_VECTORS,
@@ -197,6 +196,17 @@ class Session:
 
     def count(self, name: str, device: str = "drive0") -> int:
         return int(self.bitmap(name, device)["count"])
+
+
+def query_block_72(s: Session) -> list[dict[str, Any]]:
+    """query-block in QEMU 7.2's shape (bitmaps only in ``inserted``, no ``status``)."""
+    entries = []
+    for entry in s.vm.ok("query-block"):
+        shaped = {k: v for k, v in entry.items() if k != "dirty-bitmaps"}
+        shaped["inserted"] = {**entry["inserted"],
+                              "dirty-bitmaps": device_bitmaps(s.backend, entry)}
+        entries.append(shaped)
+    return entries
 
 
 def assert_same_logs(sessions: dict[str, Session]) -> None:
@@ -460,7 +470,6 @@ def test_bitmap_commands_and_their_errors(twin: Any, seed_drive: Prepare) -> Non
             "GenericError", "Dirty bitmap 'off' not found")
         assert [(bm["name"], bm["count"]) for bm in s.bitmaps()] == [
             ("fine", 0), ("bitmap0", 458752 + 65536)], s.backend
-        assert s.vm.printed() == "", s.backend
 
     twin(seed_drive, scenario)
 
@@ -714,3 +723,382 @@ def test_blkdebug_scripts(script: str, twin: Any, qemu_img: str, qemu_io: str) -
         assert s.count("bitmap0", node) == 458752, s.backend  # reads mark nothing
 
     twin(prepare, scenario)
+
+
+# ------------------------------------------------------------------ graph: blockdev, devices
+
+
+def _file(s: Session, name: str) -> dict[str, Any]:
+    return {"driver": "file", "filename": str(s.dir / name)}
+
+
+@pytest.fixture
+def three_images(qemu_img: str, qemu_io: str, seed_drive: Prepare) -> Prepare:
+    """drive0 (attached with -drive), and drive1.qcow2 and img3.qcow2 for blockdev-add."""
+
+    def prepare(workdir: Path) -> list[str]:
+        make_seed_image([qemu_img], [qemu_io], workdir / "drive1.qcow2",
+                        patterns=DRIVE1_PATTERNS)
+        run([qemu_img, "create", "-f", "qcow2", str(workdir / "img3.qcow2"), "1M"], check=True)
+        return seed_drive(workdir)
+
+    return prepare
+
+
+def test_blockdev_add_and_del_errors(twin: Any, three_images: Prepare) -> None:
+    def scenario(s: Session) -> None:
+        add, delete = "blockdev-add", "blockdev-del"
+        blkdebug = {"driver": "blkdebug", "image": _file(s, "drive1.qcow2"),
+                    "set-state": [RULE_FLUSH_1_TO_2],
+                    "inject-error": [{**RULE_EIO_ONCE, "state": 2}]}
+        s.ok(add, node_name="drive1", driver="qcow2", file=blkdebug)
+        assert s.error(add, node_name="drive1", driver="qcow2", file=_file(s, "img3.qcow2")) == (
+            "GenericError", "Duplicate nodes with node-name='drive1'")
+        assert s.error(add, node_name="drive0", driver="qcow2", file=_file(s, "img3.qcow2")) == (
+            "GenericError", "node-name=drive0 is conflicting with a device id")
+        for bad in ("1abc", "a b", "#x", ""):
+            assert s.error(add, node_name=bad, driver="null-co") == (
+                "GenericError", f"Invalid node-name: '{bad}'")
+        assert s.error(add, node_name="a" * 32, driver="null-co") == (
+            "GenericError", "Node name too long")
+        s.ok(add, node_name="a" * 31, driver="null-co")
+        s.ok(delete, node_name="a" * 31)
+        assert s.error(add, node_name="nf", driver="qcow2") == (
+            "GenericError", "Parameter 'file' is missing")
+        assert s.error(add, node_name="ud", driver="nosuch") == (
+            "GenericError", "Parameter 'driver' does not accept value 'nosuch'")
+        assert s.error(add, node_name="md") == ("GenericError", "Parameter 'driver' is missing")
+        bogus_event = ("GenericError", "Parameter 'event' does not accept value 'bogus_event'")
+        assert s.error(add, node_name="bde", driver="qcow2", file={
+            "driver": "blkdebug", "image": _file(s, "img3.qcow2"),
+            "set-state": [{"event": "bogus_event", "state": 1, "new_state": 2}]}) == bogus_event
+        assert s.error(add, node_name="bde", driver="raw", file={
+            "driver": "blkdebug", "image": _file(s, "img3.qcow2"),
+            "inject-error": [{"event": "bogus_event"}]}) == bogus_event
+        assert s.error(add, node_name="fnf", driver="file") == (
+            "GenericError", "Parameter 'filename' is missing")
+        missing = ("GenericError", "Could not open '<DIR>/nonexistent.img': "
+                   "No such file or directory")
+        assert s.error(add, node_name="fne", driver="file",
+                       filename=str(s.dir / "nonexistent.img")) == missing
+        assert s.error(add, node_name="qne", driver="qcow2",
+                       file=_file(s, "nonexistent.img")) == missing
+        assert s.error(add, driver="null-co") == (
+            "GenericError", "'node-name' must be specified for the root node")
+        s.ok(add, node_name="null0", driver="null-co", size=MiB)
+        s.ok(add, node_name="nb", driver="qcow2", backing=None, file=_file(s, "img3.qcow2"))
+
+        assert s.error(delete, node_name="nosuch") == (
+            "GenericError", "Failed to find node with node-name='nosuch'")
+        assert s.error(delete, node_name="drive0") == (
+            "GenericError", "Failed to find node with node-name='drive0'")
+        assert s.error(delete) == ("GenericError", "Parameter 'node-name' is missing")
+        nodes = {n["node-name"]: n["drv"] for n in s.vm.ok("query-named-block-nodes")}
+        protocol = next(name for name, drv in nodes.items()
+                        if drv == "file" and name.startswith("#"))
+        assert s.error(delete, node_name=protocol) == (
+            "GenericError", "Node #block<N> is not owned by the monitor")
+        for name in ("null0", "nb", "drive1"):
+            s.ok(delete, node_name=name)
+        assert s.error(delete, node_name="drive1") == (
+            "GenericError", "Failed to find node with node-name='drive1'")
+        s.ok(add, node_name="drive1", driver="qcow2", file=blkdebug)  # the name is free again
+        s.note("nodes", sorted(
+            (s.normalize(n["node-name"]), n["drv"]) for n in s.vm.ok("query-named-block-nodes")))
+
+    twin(three_images, scenario)
+
+
+def test_device_add_and_device_del(twin: Any, three_images: Prepare) -> None:
+    """device_add attaches an anonymous backend (listed with device "" and its qdev path, one
+    geometry read); its errors; device_del's first reply (see the module docstring)."""
+
+    def scenario(s: Session) -> None:
+        s.ok("blockdev-add", node_name="drive1", driver="qcow2",
+             file=_file(s, "drive1.qcow2"))
+        s.ok("block-dirty-bitmap-add", node="drive1", name="bitmap0")
+        assert s.find_entry("drive1") is None, s.backend  # no device yet
+        s.ok("device_add", id="device0", drive="drive1", driver="virtio-blk")
+        entry = s.entry("drive1")
+        assert (entry["device"], entry["qdev"]) == (
+            "", "/machine/peripheral/device0/virtio-backend"), s.backend
+        assert [bm["count"] for bm in s.bitmaps("drive1")] == [0], s.backend  # a read
+        s.note("query-block", query_block_72(s))
+        # By node name, only reads are allowed now (see the known differences below).
+        assert s.io("drive1", "read -P0x14 0 512") == "read 512/512 bytes at offset 0"
+        assert s.count("bitmap0", "drive1") == 0, s.backend
+
+        assert s.error("blockdev-del", node_name="drive1") == (
+            "GenericError", "Node drive1 is in use")
+        assert s.error("device_add", id="device1", drive="nosuch", driver="virtio-blk") == (
+            "GenericError", "Property 'virtio-blk-device.drive' can't find value 'nosuch'")
+        assert s.error("device_add", id="device2", drive="drive0", driver="virtio-blk") == (
+            "GenericError", "Drive 'drive0' is already in use because it has been "
+            "automatically connected to another device (did you need 'if=none' in the drive "
+            "options?)")
+        assert s.error("device_add", id="device3", drive="drive1", driver="virtio-blk") == (
+            "GenericError", "Permission conflict on node 'drive1': permissions 'write' are both "
+            "required by block device '/machine/peripheral/device0/virtio-backend' (uses node "
+            "'drive1' as 'root' child) and unshared by block device "
+            "'/machine/peripheral/device3/virtio-backend' (uses node 'drive1' as 'root' "
+            "child).")
+        assert s.error("device_add", id="device0", drive="drive1", driver="virtio-blk") == (
+            "GenericError", "Duplicate device ID 'device0'")
+        assert s.error("device_add", id="dy", driver="virtio-blk") == (
+            "GenericError", "drive property not set")
+        assert s.error("device_add", drive="drive1") == (
+            "GenericError", "Parameter 'driver' is missing")
+        s.ok("block_resize", node_name="drive1", size=65 * MiB)  # a device does not forbid it
+        assert s.error("device_del", id="nosuch") == (
+            "DeviceNotFound", "Device 'nosuch' not found")
+        assert s.error("device_del") == ("GenericError", "Parameter 'id' is missing")
+        assert s.vm.events() == [], s.backend
+        s.ok("device_del", id="device0")
+        # The documented difference: bitbackd unplugs at once, QEMU waits for the guest.
+        deleted = [(e["event"], e["data"]) for e in s.vm.events()]
+        if s.backend == "bitback":
+            assert deleted == [
+                ("DEVICE_DELETED", {"path": "/machine/peripheral/device0/virtio-backend"}),
+                ("DEVICE_DELETED", {"device": "device0", "path": "/machine/peripheral/device0"}),
+            ]
+            assert s.find_entry("drive1") is None
+        else:
+            assert deleted == []
+            assert s.vm.qmp("device_del", id="device0")["error"] == {
+                "class": "GenericError",
+                "desc": "Device device0 is already in the process of unplug"}
+
+    twin(three_images, scenario)
+
+
+# ------------------------------------------------------------------------ quit and images
+
+
+def test_quit_then_images_are_clean_and_equal(twin: Any, seed_drive: Prepare,
+                                              qemu_img: str, tmp_path: Path) -> None:
+    """The same writes, zero writes, growth and shrink on both; quit exits 0 after SHUTDOWN;
+    then real qemu-img finds both images clean and identical in content."""
+
+    def scenario(s: Session) -> None:
+        s.ok("block-dirty-bitmap-add", node="drive0", name="bitmap0")
+        hmp_writes(s.vm, "drive0", WRITES_1)
+        hmp_writes(s.vm, "drive0", WRITES_2)
+        s.ok("block_resize", device="drive0", size=65 * MiB)
+        s.io("drive0", "write 64M 64k")
+        s.io("drive0", "write -z 1M 4k")
+        s.io("drive0", "discard 32M 128k")  # dropped: discard=ignore
+        s.ok("block_resize", device="drive0", size=64 * MiB + 32 * KiB)
+        s.io("drive0", "flush")
+        s.bitmaps()
+        reply, events, status = quit_vm(s.vm)
+        s.note("quit", reply)
+        s.note("events", [(e["event"], e["data"]) for e in events])
+        assert (reply, status) == ({"return": {}}, 0), s.backend
+        assert [(e["event"], e["data"]) for e in events] == [
+            ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})], s.backend
+
+    twin(seed_drive, scenario)
+    images = [tmp_path / backend / "drive0.qcow2" for backend in BACKENDS]
+    for img in images:
+        check_image(qemu_img, img)
+    assert compare([qemu_img], *images) == (0, "Images are identical.\n")
+    assert [info_json([qemu_img], img)["virtual-size"] for img in images] == [
+        64 * MiB + 32 * KiB] * 2
+
+
+# ------------------------------------------------------------- known bitbackd differences
+#
+# Each test asserts QEMU 7.2's behaviour. It runs against QEMU (and must pass there, which is
+# what shows the assertion is right) and against bitbackd, where it is a strict xfail naming
+# the code at fault; fixing that code turns the xfail into a failure that asks for the mark
+# to go.
+
+
+def on_both(bug: str) -> list[Any]:
+    """The backends of a known-difference test: QEMU passes, bitbackd is a strict xfail."""
+    return [pytest.param("bitback", marks=pytest.mark.xfail(strict=True, reason=bug)), "qemu"]
+
+
+@pytest.fixture
+def solo(launch: Callable[..., HarnessVM], tmp_path: Path, qemu_img: str,
+         qemu_io: str) -> Callable[[str], HarnessVM]:
+    """The seed's drive0 on one backend; drive1.qcow2 and img3.qcow2 exist beside it."""
+
+    def start(backend: str) -> HarnessVM:
+        make_seed_image([qemu_img], [qemu_io], tmp_path / "drive1.qcow2",
+                        patterns=DRIVE1_PATTERNS)
+        run([qemu_img, "create", "-f", "qcow2", str(tmp_path / "img3.qcow2"), "1M"], check=True)
+        img = make_seed_image([qemu_img], [qemu_io], tmp_path / "drive0.qcow2")
+        return launch(backend, drive_args(img))
+
+    return start
+
+
+def _blkdebug_drive1(vm: HarnessVM, tmp_path: Path) -> None:
+    vm.ok("blockdev-add", node_name="drive1", driver="qcow2", file={
+        "driver": "blkdebug",
+        "image": {"driver": "file", "filename": str(tmp_path / "drive1.qcow2")},
+        "set-state": [RULE_FLUSH_1_TO_2],
+        "inject-error": [{**RULE_EIO_ONCE, "state": 2}],
+    })
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "BlockGraph.delete_blockdev (src/bitback/block/graph.py) checks monitor ownership before "
+    "attachment: blockdev-del of a -drive root says 'not owned by the monitor', QEMU checks "
+    "for a BlockBackend first and says 'Node X is in use'"))
+def test_blockdev_del_of_a_drive_root(backend: str, solo: Any) -> None:
+    vm = solo(backend)
+    root = vm.ok("query-block")[0]["inserted"]["node-name"]
+    assert vm.qmp("blockdev-del", node_name=root)["error"] == {
+        "class": "GenericError", "desc": f"Node {root} is in use"}
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "BlockGraph.delete_blockdev (src/bitback/block/graph.py) words every refusal 'Node X is "
+    "in use'; for a node that another node holds (refcount > 1, no BlockBackend) QEMU says "
+    "'Block device X is in use'"))
+def test_blockdev_del_of_a_child_node(backend: str, solo: Any, tmp_path: Path) -> None:
+    vm = solo(backend)
+    vm.ok("blockdev-add", node_name="file4", driver="file",
+          filename=str(tmp_path / "img3.qcow2"))
+    vm.ok("blockdev-add", node_name="fmt4", driver="qcow2", file="file4")
+    assert vm.qmp("blockdev-del", node_name="file4")["error"] == {
+        "class": "GenericError", "desc": "Block device file4 is in use"}
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "BlockGraph._child (src/bitback/block/graph.py) resolves a child given by reference "
+    "among node names only and words the failure device=''; QEMU looks the reference up as "
+    "a device and a node (bdrv_lookup_bs) and names it in both places"))
+def test_unknown_child_reference(backend: str, solo: Any) -> None:
+    vm = solo(backend)
+    assert vm.qmp("blockdev-add", node_name="nr", driver="qcow2",
+                  file="nosuch-node-ref")["error"] == {
+        "class": "GenericError",
+        "desc": "Cannot find device='nosuch-node-ref' nor node-name='nosuch-node-ref'"}
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "attach_device / device_add (src/bitback/qmp/commands/block.py) answer every driver "
+    "other than virtio-blk with \"Device 'X' is not supported by bitbackd\"; for a name "
+    "that is no device model at all QEMU says \"'X' is not a valid device model name\""))
+def test_device_add_of_an_unknown_model(backend: str, solo: Any) -> None:
+    vm = solo(backend)
+    assert vm.qmp("device_add", id="dx", driver="nosuch-dev")["error"] == {
+        "class": "GenericError", "desc": "'nosuch-dev' is not a valid device model name"}
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "HMP qemu-io by node name on a node that a guest device holds writes through it: "
+    "hmp_target (src/bitback/qmp/commands/misc.py) takes the node with no permission check; "
+    "QEMU's temporary BlockBackend needs 'write', which the device does not share"))
+def test_qemu_io_write_by_node_name_under_a_device(backend: str, solo: Any,
+                                                   tmp_path: Path) -> None:
+    vm = solo(backend)
+    vm.ok("blockdev-add", node_name="drive1", driver="qcow2",
+          file={"driver": "file", "filename": str(tmp_path / "drive1.qcow2")})
+    vm.ok("device_add", id="device0", drive="drive1", driver="virtio-blk")
+    assert vm.qemu_io("drive1", "write -P0xba 0 512") == (
+        "Permission conflict on node 'drive1': permissions 'write' are both required by an "
+        "unnamed block device (uses node 'drive1' as 'root' child) and unshared by block "
+        "device '/machine/peripheral/device0/virtio-backend' (uses node 'drive1' as 'root' "
+        "child).\r\n")
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "HMP 'qemu-io -d ID' finds a device_add'ed virtio-blk by its id: hmp_target "
+    "(src/bitback/qmp/commands/misc.py) matches BlockBackend.device_id; in QEMU the id names "
+    "the virtio-blk-pci proxy, which has no drive, so the monitor answers 'Error: Device does "
+    "not have a block device backend'"))
+def test_qemu_io_by_qdev_id_of_a_virtio_blk(backend: str, solo: Any, tmp_path: Path) -> None:
+    vm = solo(backend)
+    vm.ok("blockdev-add", node_name="drive1", driver="qcow2",
+          file={"driver": "file", "filename": str(tmp_path / "drive1.qcow2")})
+    vm.ok("device_add", id="device0", drive="drive1", driver="virtio-blk")
+    assert vm.qemu_io("-d device0", "read 0 512") == (
+        "Error: Device does not have a block device backend\r\n")
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "write -z crossing the end of the disk fails with EIO but marks the granules inside "
+    "the disk: write_f's -z branch (src/bitback/tools/io/rw.py) skips check_range, and "
+    "BlockNode.pwrite_zeroes (src/bitback/block/node.py) marks bitmaps in its finally even "
+    "for a request refused for its bounds; QEMU refuses such requests before any marking"))
+def test_write_zeroes_crossing_the_end_marks_nothing(backend: str, solo: Any) -> None:
+    vm = solo(backend)
+    vm.ok("block-dirty-bitmap-add", node="drive0", name="fine", granularity=512)
+    assert vm.io("drive0", "write -z 67108000 2000") == "write failed: Input/output error"
+    assert vm.bitmap_info("drive0", "fine")["count"] == 0
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "a bitmap on a protocol (file) node keeps the file's length at creation: "
+    "BlockNode._written (src/bitback/block/node.py) never grows the node's bitmaps when a "
+    "write extends the file; QEMU's bdrv_co_write_req_finish truncates them to the new end"))
+def test_protocol_node_bitmap_follows_file_growth(backend: str, solo: Any) -> None:
+    vm = solo(backend)
+    nodes = vm.ok("query-named-block-nodes")
+    protocol = next(n["node-name"] for n in nodes if n["drv"] == "file")
+    vm.ok("block-dirty-bitmap-add", node=protocol, name="onfile")
+    vm.ok("block-dirty-bitmap-add", node="drive0", name="guest")
+    hmp_writes(vm, "drive0", WRITES_1)  # allocates clusters at the end of the file
+    grown = next(n for n in vm.ok("query-named-block-nodes") if n["node-name"] == protocol)
+    size = grown["image"]["virtual-size"]
+    desc = vm.qmp("block-dirty-bitmap-merge", node="drive0", target="guest",
+                  bitmaps=[{"node": protocol, "name": "onfile"}])["error"]["desc"]
+    assert desc == (f"Bitmaps are of different sizes (destination size is 67108864, source "
+                    f"size is {size}) and can't be merged")
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "named_nodes_info lists drive1's blkdebug node before its file child; QEMU names a "
+    "blkdebug node before it opens its image child and lists newest-named first, so the "
+    "file child comes first (bitbackd registers every child before its parent)"))
+def test_named_nodes_order_of_a_blkdebug_chain(backend: str, solo: Any,
+                                               tmp_path: Path) -> None:
+    vm = solo(backend)
+    _blkdebug_drive1(vm, tmp_path)
+    assert [n["drv"] for n in vm.ok("query-named-block-nodes")] == [
+        "qcow2", "file", "blkdebug", "qcow2", "file"]
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "query-block/query-named-block-nodes give a blkdebug chain's nodes the plain image path "
+    "as 'file' and 'image.filename' (and an actual-size); QEMU 7.2 gives a json: pseudo "
+    "filename with the flattened blkdebug options and no actual-size "
+    "(src/bitback/qmp/commands/block_info.py)"))
+def test_blkdebug_chain_filenames(backend: str, solo: Any, tmp_path: Path) -> None:
+    vm = solo(backend)
+    _blkdebug_drive1(vm, tmp_path)
+    blkdebug_options = {
+        "driver": "blkdebug",
+        "image": {"driver": "file", "filename": str(tmp_path / "drive1.qcow2")},
+        "set-state.0.event": "flush_to_disk", "set-state.0.state": 1,
+        "set-state.0.new_state": 2,
+        "inject-error.0.event": "read_aio", "inject-error.0.errno": 5,
+        "inject-error.0.state": 2, "inject-error.0.immediately": False,
+        "inject-error.0.once": True,
+    }
+    nodes = {n["drv"]: n for n in vm.ok("query-named-block-nodes")[:3]}
+    for drv, want in (("qcow2", {"driver": "qcow2", "file": blkdebug_options}),
+                      ("blkdebug", blkdebug_options)):
+        node = nodes[drv]
+        assert node["file"] == node["image"]["filename"]
+        assert node["file"].startswith("json:")
+        assert json.loads(node["file"][len("json:"):]) == want
+        assert "actual-size" not in node["image"]
+
+
+@pytest.mark.parametrize("backend", on_both(
+    "persistent bitmaps are not implemented: add_bitmap (src/bitback/block/dirty_bitmaps.py) "
+    "refuses persistent=true; QEMU accepts it on a qcow2 node and stores the bitmap at quit"))
+def test_persistent_bitmap(backend: str, solo: Any, qemu_img: str, tmp_path: Path) -> None:
+    vm = solo(backend)
+    assert vm.qmp("block-dirty-bitmap-add", node="drive0", name="p1", persistent=True) == {
+        "return": {}}
+    assert vm.bitmap_info("drive0", "p1")["persistent"] is True
+    assert vm.shutdown() == 0
+    info = info_json([qemu_img], tmp_path / "drive0.qcow2")
+    assert info["format-specific"]["data"]["bitmaps"] == [
+        {"flags": ["auto"], "name": "p1", "granularity": 65536}]

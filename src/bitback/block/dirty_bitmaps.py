@@ -55,12 +55,10 @@ def add_bitmap(
     """Create an empty bitmap on ``node``; the node's cluster size (clamped to 4k..64k)
     sets the default granularity. ``label`` names the node in messages (QEMU says the device
     name when there is one)."""
+    # QEMU's order: empty name (the caller checks it before looking the node up), then
+    # granularity, persistence, an existing name, a long name.
     if not name:
         raise InvalidArgumentError("Bitmap name cannot be empty")
-    if len(name.encode()) > MAX_BITMAP_NAME:
-        raise InvalidArgumentError(f"Bitmap name too long: {name}")
-    if node.bitmap(name) is not None:
-        raise InvalidArgumentError(f"Bitmap already exists: {name}")
     if granularity is None:
         granularity = default_granularity(node.cluster_size)
     else:
@@ -72,6 +70,10 @@ def add_bitmap(
             f"Can't make bitmap '{name}' persistent in '{label or node.node_name}': "
             "persistent bitmaps are not supported by bitbackd yet"
         )
+    if node.bitmap(name) is not None:
+        raise InvalidArgumentError(f"Bitmap already exists: {name}")
+    if len(name.encode()) > MAX_BITMAP_NAME:
+        raise InvalidArgumentError(f"Bitmap name too long: {name}")
     bitmap = DirtyBitmap(node.length(), granularity, name, enabled=not disabled)
     node.bitmaps.insert(0, bitmap)
     return bitmap

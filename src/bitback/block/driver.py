@@ -70,6 +70,10 @@ class BlockDriver(ABC):
     driver does not support raise ``ENOTSUP`` through :meth:`_unsupported`."""
 
     format_name: ClassVar[str]
+    # Protocol nodes that store bytes (a host file), and filters over them, grow when
+    # written past their end; the generic layer then checks only that a request is not
+    # negative.
+    grows_on_write: bool = False
 
     def __init__(self, filename: str, *, read_only: bool) -> None:
         self.filename = filename

@@ -139,6 +139,11 @@ class BlockGraph:
         return name
 
     def _register(self, driver: BlockDriver, name: str | None) -> BlockNode:
+        if name is not None and name in self.nodes:
+            # A child opened first under the same name (``node-name`` given twice in one
+            # tree): the names were unique when checked, not any more.
+            driver.close()
+            raise GraphError(f"Duplicate nodes with node-name='{name}'")
         node = BlockNode(driver, name or self._auto_name(), auto_named=name is None)
         self.nodes[node.node_name] = node
         return node
@@ -157,7 +162,7 @@ class BlockGraph:
         if isinstance(ref, str):
             node = self.nodes.get(ref)
             if node is None:
-                raise NotFoundError(f"Cannot find device='' nor node-name='{ref}'")
+                raise NotFoundError(f"Cannot find device='{ref}' nor node-name='{ref}'")
             node.retain()
             return node
         opts = dict(ref)
@@ -244,7 +249,10 @@ class BlockGraph:
         if "backing" in opts:
             ref = opts["backing"]
             if ref is not None:
-                qcow2.backing = self._child(ref, "backing", read_only=True, created=created)
+                try:
+                    qcow2.backing = self._child(ref, "backing", read_only=True, created=created)
+                except BitbackError as exc:
+                    raise ImageFormatError(f"Could not open backing file: {exc}") from exc
             return
         name = qcow2.header.backing_file
         if not name:
@@ -255,11 +263,11 @@ class BlockGraph:
             )
         path = resolve_backing(qcow2.filename, name)
         fmt = qcow2.header.backing_format
-        file = self._open({"driver": "file", "filename": path, "read-only": True}, created)
-        if fmt not in ("qcow2", "raw"):
-            fmt = probe_format(file)
-        backing_opts = {"driver": fmt, "read-only": True}
         try:
+            file = self._open({"driver": "file", "filename": path, "read-only": True}, created)
+            if fmt not in ("qcow2", "raw"):
+                fmt = probe_format(file)
+            backing_opts = {"driver": fmt, "read-only": True}
             qcow2.backing = self._register(
                 self._format(fmt, file, backing_opts, True, created, depth + 1), None
             )
@@ -311,10 +319,13 @@ class BlockGraph:
         node = self.nodes.get(node_name)
         if node is None:
             raise NotFoundError(f"Failed to find node with node-name='{node_name}'")
+        # QEMU's order of checks (qmp_blockdev_del): a device, then ownership, then parents.
+        if any(b.root is node for b in self.backends):
+            raise GraphError(f"Node {node_name} is in use")
         if node_name not in self.monitor_owned:
             raise GraphError(f"Node {node_name} is not owned by the monitor")
         if self.parents_of(node):
-            raise GraphError(f"Node {node_name} is in use")
+            raise GraphError(f"Block device {node_name} is in use")
         del self.monitor_owned[node_name]
         self._drop_tree(node)
 

@@ -39,7 +39,11 @@ class BlockNode(BlockDriver):
 
     def __init__(self, driver: BlockDriver, node_name: str, *, auto_named: bool = False) -> None:
         self.driver = driver  # first: the ``backing`` property below forwards to it
+        self.grows_on_write = driver.grows_on_write
+        backing = driver.backing
         super().__init__(driver.filename, read_only=driver.read_only)
+        # The base initialiser resets ``backing``, which forwards to the driver: restore it.
+        driver.backing = backing
         self.node_name = node_name
         self.auto_named = auto_named
         self.bitmaps: list[DirtyBitmap] = []  # newest first, as QEMU lists them
@@ -91,19 +95,32 @@ class BlockNode(BlockDriver):
             for bitmap in self.bitmaps:
                 bitmap.mark(offset, length)
 
+    def _admit(self, offset: int, length: int) -> None:
+        """Refuse a write outside the node before it counts as a write (QEMU's
+        ``bdrv_check_request`` runs before the request is tracked, so nothing is marked)."""
+        if self.driver.grows_on_write:
+            if offset < 0 or length < 0:
+                self.driver.check_request(offset, length, write=True)
+        else:
+            self.driver.check_request(offset, length, write=True)
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(memoryview(data).cast("B"))
+        self._admit(offset, length)
         try:
             self.driver.pwrite(offset, data)
         finally:
-            self._written(offset, len(memoryview(data).cast("B")))
+            self._written(offset, length)
 
     def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        self._admit(offset, length)
         try:
             self.driver.pwrite_zeroes(offset, length, may_unmap=may_unmap)
         finally:
             self._written(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
+        self._admit(offset, length)
         try:
             self.driver.discard(offset, length)
         finally:
@@ -115,6 +132,7 @@ class BlockNode(BlockDriver):
         if hook is None:
             self._unsupported("compressed writes")
             return
+        self._admit(offset, len(memoryview(data).cast("B")))
         try:
             hook(offset, data)
         finally:

@@ -18,7 +18,7 @@ last. Measured on QEMU 7.2 (and pinned in ``tests/unit/test_qmp_schema.py``):
 fault                              ``desc``
 =================================  ==========================================================
 required member absent             ``Parameter 'file.image.filename' is missing``
-member nobody declared             ``Parameter 'inject-error[1].bogus' is unexpected``
+member nobody declared             ``Parameter 'file.inject-error[1].bogus' is unexpected``
 wrong JSON type                    ``Invalid parameter type for 'size', expected: integer``
                                    (``string``, ``boolean``, ``number``, ``object``, ``array``)
 uint64 / size not a JSON integer   ``Parameter 'granularity' expects uint64``

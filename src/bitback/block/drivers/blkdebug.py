@@ -118,6 +118,7 @@ class BlkdebugDriver(BlockDriver):
     ) -> None:
         super().__init__(image.filename, read_only=read_only)
         self.image = image
+        self.grows_on_write = image.grows_on_write
         self.state = 1
         self._errors = list(errors)
         self._states = list(states)
@@ -139,7 +140,8 @@ class BlkdebugDriver(BlockDriver):
                     self._active.clear()
                     armed_any = True
                 self._active.insert(0, rule)
-        for srule in self._states:
+        # Newest first, the last assignment winning: the first rule defined decides.
+        for srule in reversed(self._states):
             if srule.event == event and srule.state in (0, before):
                 new_state = srule.new_state
         self.state = new_state
@@ -147,6 +149,8 @@ class BlkdebugDriver(BlockDriver):
     def _check(self, iotype: str, offset: int = 0, length: int = 0) -> None:
         for rule in self._active:
             if rule.matches(iotype, offset, length):
+                if not rule.errno:
+                    return  # errno 0 injects nothing (and is never used up), as in QEMU
                 if rule.once:
                     self._active.remove(rule)
                     self._errors.remove(rule)

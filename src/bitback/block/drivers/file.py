@@ -45,6 +45,7 @@ class FileDriver(BlockDriver):
     """A host file as a block node."""
 
     format_name = "file"
+    grows_on_write = True
 
     def __init__(self, filename: str, *, read_only: bool = False, create: bool = False) -> None:
         super().__init__(filename, read_only=read_only)

@@ -23,14 +23,17 @@ class RawDriver(BlockDriver):
 
     def pread(self, offset: int, length: int) -> bytes:
         self.check_request(offset, length)
+        self.child_event("read_aio")
         return self.file.pread(offset, length)
 
     def readinto(self, offset: int, dest: memoryview) -> None:
         self.check_request(offset, len(dest))
+        self.child_event("read_aio")
         self.file.readinto(offset, dest)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_request(offset, len(data), write=True)
+        self.child_event("write_aio")
         self.file.pwrite(offset, data)
 
     def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:

@@ -13,6 +13,7 @@ from bitback.block.dirty_bitmaps import (
     remove_bitmap,
     set_bitmap_enabled,
 )
+from bitback.errors import InvalidArgumentError
 from bitback.qmp.context import QMPContext
 from bitback.qmp.registry import REGISTRY
 from bitback.qmp.schema import BOOL, STR, UINT32, Alternate, ListOf, Member, Struct
@@ -45,6 +46,9 @@ BITMAP_MERGE_ARGS = Struct(
 
 @REGISTRY.command("block-dirty-bitmap-add", BITMAP_ADD_ARGS)
 async def bitmap_add(ctx: QMPContext, args: dict[str, Any]) -> object:
+    if not args["name"]:
+        raise InvalidArgumentError("Bitmap name cannot be empty")
+
     def run() -> None:
         node = ctx.graph.lookup_name(args["node"])
         add_bitmap(

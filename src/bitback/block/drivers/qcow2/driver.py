@@ -358,17 +358,26 @@ class Qcow2Driver(BlockDriver):
         pos = 0
         total = c1 - c0
         self.child_event("cluster_alloc")
-        while pos < total:
-            start, n = self.refcounts.allocate(total - pos)
-            self._check_overlap(start << self.cb, n << self.cb)
-            piece = memoryview(buf)[pos << self.cb : (pos + n) << self.cb]
-            self.child_event("write_aio")
-            self.file.pwrite(start << self.cb, piece)
-            hosts = (np.arange(start, start + n, dtype=np.uint64) << np.uint64(self.cb))
-            table[c0 + pos : c0 + pos + n] = hosts | np.uint64(COPIED)
-            pos += n
-        self.tables.mark_dirty(l1_index)
-        self._release(old)
+        try:
+            while pos < total:
+                start, n = self.refcounts.allocate(total - pos)
+                try:
+                    self._check_overlap(start << self.cb, n << self.cb)
+                    piece = memoryview(buf)[pos << self.cb : (pos + n) << self.cb]
+                    self.child_event("write_aio")
+                    self.file.pwrite(start << self.cb, piece)
+                except BaseException:
+                    # Nothing points at these clusters yet: give them back, or they leak.
+                    self.refcounts.free_later(start, n)
+                    raise
+                hosts = np.arange(start, start + n, dtype=np.uint64) << np.uint64(self.cb)
+                table[c0 + pos : c0 + pos + n] = hosts | np.uint64(COPIED)
+                pos += n
+        finally:
+            # Pieces written before a failure stay mapped (their data is on disk).
+            if pos:
+                self.tables.mark_dirty(l1_index)
+                self._release(old[:pos])
 
     def _read_current(self, offset: int, dest: memoryview) -> None:
         """What the guest reads at ``offset`` now, clipped to the virtual size."""

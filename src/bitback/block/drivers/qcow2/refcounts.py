@@ -78,6 +78,7 @@ class RefcountTable:
             raise ImageCorruptError("Reference count table extends past the end of the file")
         self.table_offset = table_offset
         self.table_clusters = table_clusters
+        file.debug_event("reftable_load")
         self.table: U64Array = decode_table(
             file.pread(table_offset, table_clusters * self.cluster_size)
         )
