@@ -204,7 +204,8 @@ def test_duplicate_sibling_names_in_one_tree_are_refused(
     graph: BlockGraph, img: Path, tmp_path: Path
 ) -> None:
     """Two children of one ``blockdev-add`` with the same name: the second is refused and
-    the whole add is undone."""
+    the whole add is undone. The second one is in the backing subtree, so QEMU's
+    ``Could not open backing file: `` prefix comes first."""
     other = make_qcow2(tmp_path / "other.qcow2")
     opts = qcow2_opts(
         img,
@@ -212,7 +213,9 @@ def test_duplicate_sibling_names_in_one_tree_are_refused(
         file=file_opts(img, **{"node-name": "f"}),
         backing=qcow2_opts(other, None, file=file_opts(other, **{"node-name": "f"})),
     )
-    with pytest.raises(GraphError, match=r"^Duplicate nodes with node-name='f'$"):
+    with pytest.raises(
+        GraphError, match=r"^Could not open backing file: Duplicate nodes with node-name='f'$"
+    ):
         graph.add_blockdev(opts)
     assert graph.nodes == {}
 

@@ -66,6 +66,14 @@ def check_node_name(name: str) -> None:
         raise GraphError("Node name too long")
 
 
+def _prefixed(exc: BitbackError, prefix: str) -> BitbackError:
+    """``exc`` with ``prefix`` before its message (QEMU's ``error_prepend``); class, errno
+    and fields stay, so callers can still tell what failed."""
+    exc.message = prefix + exc.message
+    exc.args = (exc.message,)
+    return exc
+
+
 def _repair_if_dirty(file_opts: Any) -> None:
     """A qcow2 image on a plain file left dirty by a writer using lazy refcounts gets its
     refcounts rebuilt before it is opened read-write, as QEMU does."""
@@ -252,7 +260,7 @@ class BlockGraph:
                 try:
                     qcow2.backing = self._child(ref, "backing", read_only=True, created=created)
                 except BitbackError as exc:
-                    raise ImageFormatError(f"Could not open backing file: {exc}") from exc
+                    raise _prefixed(exc, "Could not open backing file: ") from None
             return
         name = qcow2.header.backing_file
         if not name:
@@ -272,7 +280,7 @@ class BlockGraph:
                 self._format(fmt, file, backing_opts, True, created, depth + 1), None
             )
         except BitbackError as exc:
-            raise ImageFormatError(f"Could not open backing file: {exc}") from exc
+            raise _prefixed(exc, "Could not open backing file: ") from None
         created.append(qcow2.backing)
 
     def add_blockdev(self, opts: dict[str, Any], *, monitor_owned: bool = True) -> BlockNode:
