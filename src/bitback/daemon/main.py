@@ -97,7 +97,9 @@ class Daemon:
         self.io = IOThread()
         self.version = Version()
         self._quit = asyncio.Event()
-        self.server = QMPServer(self._execute, self.version)
+        self.server = QMPServer(
+            self._execute, self.version, lambda name: REGISTRY.get(name) is not None
+        )
         self.ctx = QMPContext(
             graph=self.graph,
             io=self.io,

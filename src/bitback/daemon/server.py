@@ -45,7 +45,7 @@ class Session:
         self.reader = reader
         self.writer = writer
         self.name = name
-        self.conn = ServerConnection()
+        self.conn = ServerConnection(command_exists=server.command_exists)
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
 
@@ -107,8 +107,11 @@ class Session:
 class QMPServer:
     """All QMP sessions of the daemon, and the one place commands are executed."""
 
-    def __init__(self, executor: Executor, version: Any) -> None:
+    def __init__(
+        self, executor: Executor, version: Any, command_exists: Callable[[str], bool]
+    ) -> None:
         self._executor = executor
+        self.command_exists = command_exists
         self.version = version
         self.sessions: set[Session] = set()
         self._lock = asyncio.Lock()

@@ -26,7 +26,7 @@ async def query_version(ctx: QMPContext, args: dict[str, Any]) -> object:
 @REGISTRY.command("query-status", NO_ARGS)
 async def query_status(ctx: QMPContext, args: dict[str, Any]) -> object:
     # No guest exists: the state of an emulator started with -S and never continued.
-    return {"status": "prelaunch", "singlestep": False, "running": False}
+    return {"running": False, "singlestep": False, "status": "prelaunch"}
 
 
 @REGISTRY.command("query-commands", NO_ARGS)
