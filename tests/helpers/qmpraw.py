@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 10.0
+SEND_TIMEOUT = 60.0
 
 Message = dict[str, Any]
 
@@ -92,15 +93,27 @@ class RawQMP:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         greeting: bool = True,
+        retry: float = 0.0,
     ) -> RawQMP:
-        """Connect to the UNIX socket ``path``; read the greeting unless ``greeting=False``."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(os.fspath(path))
-        except BaseException:
-            sock.close()
-            raise
+        """Connect to the UNIX socket ``path``; read the greeting unless ``greeting=False``.
+
+        ``retry`` seconds: keep trying while the socket is missing or refuses (a server
+        that has bound its socket but not yet called listen() refuses connections)."""
+        deadline = time.monotonic() + retry
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(os.fspath(path))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+            except BaseException:
+                sock.close()
+                raise
         client = cls(sock, timeout=timeout)
         if greeting:
             client.greeting = client.recv()
@@ -124,7 +137,7 @@ class RawQMP:
     # -- sending ------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
         """Send ``data`` exactly as given (the whole of it, however long)."""
-        self.sock.settimeout(None)  # a big message may take the server a while to read
+        self.sock.settimeout(SEND_TIMEOUT)  # a big message may take the server a while
         try:
             self.sock.sendall(data)
         finally:
@@ -228,9 +241,7 @@ class RawQMP:
                 return messages
 
     # -- requests -----------------------------------------------------------------------
-    def command(
-        self, name: str, arguments: dict[str, Any] | None = None, **extra: Any
-    ) -> Message:
+    def command(self, name: str, arguments: dict[str, Any] | None = None, **extra: Any) -> Message:
         """Send ``{"execute": name, "arguments": arguments, **extra}``; return its reply."""
         request: dict[str, Any] = {"execute": name}
         if arguments is not None:
@@ -292,8 +303,9 @@ def wait_for_socket(
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process exited with {proc.returncode} before {path} "
-                                 f"was ready {describe}")
+            raise AssertionError(
+                f"the process exited with {proc.returncode} before {path} was ready {describe}"
+            )
         if os.path.exists(path) and not probe:
             return
         if os.path.exists(path):
@@ -349,12 +361,13 @@ class Running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
 
-    def rss_kib(self) -> int:
-        """Resident set size, from ``/proc/PID/status`` (``VmRSS``), in KiB."""
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of ``/proc/PID/status`` in KiB: ``VmRSS`` (resident now) or
+        ``VmHWM`` (the peak resident size so far)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-        raise AssertionError(f"no VmRSS for process {self.pid}")
+        raise AssertionError(f"no {field} for process {self.pid}")
 
 
 class DaemonPool:
@@ -385,9 +398,7 @@ class DaemonPool:
         self.running.append(daemon)
         for path in wait_for:
             try:
-                wait_for_socket(
-                    path, proc, describe=f"(stderr: {daemon.stderr!r})", probe=probe
-                )
+                wait_for_socket(path, proc, describe=f"(stderr: {daemon.stderr!r})", probe=probe)
             except AssertionError:
                 daemon.kill()
                 raise

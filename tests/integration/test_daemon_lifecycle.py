@@ -45,6 +45,11 @@ def assert_one_line_error(stderr: str, expected: str) -> None:
     assert stderr == f"bitbackd: {expected}\n"
 
 
+def assert_no_traceback(daemon: Running) -> None:
+    """The daemon's stderr holds no Python traceback."""
+    assert "Traceback" not in daemon.stderr, daemon.stderr
+
+
 # -- quit ----------------------------------------------------------------------------------
 
 
@@ -52,7 +57,7 @@ def test_quit_event_reply_eof_exit_0(pool: DaemonPool) -> None:
     """``quit``: the SHUTDOWN event ``{"guest": false, "reason": "host-qmp-quit"}`` comes
     before the ``{}`` reply, in QEMU's exact bytes, then the connection closes and the
     process exits 0. Another negotiated client gets the event then EOF; an unnegotiated one
-    gets EOF only (QEMU 7.2's multi-monitor quit, SUMMARY.md case 6b)."""
+    gets EOF only (QEMU 7.2's multi-monitor quit, probe summary case 6b)."""
     daemon, sock = pool.serve()
     with (
         RawQMP.connect(sock) as actor,
@@ -77,18 +82,7 @@ def test_quit_event_reply_eof_exit_0(pool: DaemonPool) -> None:
         assert [m["event"] for m in others] == ["SHUTDOWN"]
         assert silent.wait_eof() == []
     assert daemon.wait() == 0
-    assert "Traceback" not in daemon.stderr
-
-
-def test_quit_with_id(pool: DaemonPool) -> None:
-    """``quit`` with an ``id``: the reply echoes it, and the exit is still clean."""
-    daemon, sock = pool.serve()
-    with RawQMP.connect(sock) as qmp:
-        qmp.negotiate()
-        qmp.send_json({"execute": "quit", "id": "bye"})
-        messages = qmp.wait_eof()
-    assert messages[-1] == {"return": {}, "id": "bye"}
-    assert daemon.wait() == 0
+    assert_no_traceback(daemon)
 
 
 # -- exits that keep the data ----------------------------------------------------------
@@ -132,7 +126,7 @@ def test_exit_flushes_and_closes_the_image(
     assert messages[0]["event"] == "SHUTDOWN"
     assert messages[0]["data"] == {"guest": False, "reason": reason}
     assert daemon.wait() == 0
-    assert "Traceback" not in daemon.stderr, daemon.stderr
+    assert_no_traceback(daemon)
 
     check = run([qemu_img, "check", image])
     assert check.returncode == 0, check.stdout + check.stderr
@@ -145,20 +139,23 @@ def test_exit_flushes_and_closes_the_image(
 
 
 def test_pidfile(pool: DaemonPool) -> None:
-    """``--pidfile P``: written with the daemon's pid while it runs, removed at exit."""
+    """``--pidfile P``: written with the daemon's pid while it runs, removed at exit (which
+    here is a ``quit`` with an ``id``: the reply echoes it, and the exit is still clean)."""
     pidfile = Path(pool.path("d.pid"))
     sock = pool.path("p.sock")
     daemon = pool.start(["--pidfile", str(pidfile), "--qmp", sock], wait_for=[sock])
     deadline = time.monotonic() + 10
-    while not pidfile.exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # written just after the socket is ready
+        if pidfile.exists() and pidfile.read_text().endswith("\n"):
+            break
         time.sleep(0.02)
     assert pidfile.read_text() == f"{daemon.pid}\n"
     with RawQMP.connect(sock) as qmp:
         qmp.negotiate()
         assert qmp.ok("query-status")["status"] == "prelaunch"
         assert pidfile.read_text() == f"{daemon.pid}\n"
-        qmp.send_json({"execute": "quit"})
-        qmp.wait_eof()
+        qmp.send_json({"execute": "quit", "id": "bye"})
+        assert qmp.wait_eof()[-1] == {"return": {}, "id": "bye"}
     assert daemon.wait() == 0
     assert not pidfile.exists()
 
@@ -188,12 +185,10 @@ def test_harness_command_line(tmp_path: Path, bitback_img: list[str]) -> None:
         assert vm.stderr == ""
 
 
-def test_harness_disconnect_keeps_daemon(tmp_path: Path, bitback_img: list[str]) -> None:
+def test_harness_disconnect_keeps_daemon() -> None:
     """When the harness side of a client-mode monitor goes away the daemon keeps running
     (as QEMU does), and still exits 0 on SIGTERM."""
-    image = tmp_path / "disk.qcow2"
-    run([*bitback_img, "create", "-f", "qcow2", image, "1M"], check=True)
-    with VM("bitback", drive_args(image), timeout=30) as vm:
+    with VM("bitback", timeout=30) as vm:
         assert vm.ok("query-status")["status"] == "prelaunch"
         assert vm.monitor is not None and vm.proc is not None
         vm.monitor.close()
@@ -238,22 +233,54 @@ def test_drive_with_missing_file(pool: DaemonPool) -> None:
     ("args", "expected"),
     [
         (["-bogus"], "-bogus: invalid option"),
-        (["--bogus"], "unrecognized option '--bogus'"),
         (["-mon", "chardev=nosuch,mode=control"],
          '-mon chardev=nosuch,mode=control: chardev "nosuch" not found'),
-        (["-chardev", "socket,id=m,path=/tmp/x.sock,wait=off"],
-         "-chardev socket,id=m,path=/tmp/x.sock,wait=off: 'wait' option is incompatible "
-         "with socket in client connect mode"),
-        (["-drive"], "-drive: requires an argument"),
     ],
-    ids=["short", "long", "mon-without-chardev", "client-wait", "missing-argument"],
+    ids=["unknown-option", "mon-without-chardev"],
 )  # fmt: skip
 def test_bad_command_lines(args: list[str], expected: str) -> None:
-    """A refused command line: exit 1, nothing on stdout, one line on stderr (the texts
-    that QEMU 7.2 also prints, for the options QEMU has)."""
+    """A refused command line: exit 1, nothing on stdout, one line on stderr, QEMU 7.2's
+    text (a couple of cases: the parser has unit tests of its own)."""
     rc, out, err = bitbackd(*args)
     assert (rc, out) == (1, "")
     assert_one_line_error(err, expected)
+
+
+def test_unwritable_pidfile(pool: DaemonPool) -> None:
+    """A pid file that cannot be created: exit 1 with QEMU 7.2's one line (measured:
+    ``cannot create PID file: Could not create 'P': No such file or directory``), no
+    traceback."""
+    pidfile = pool.path("no-such-dir/d.pid")
+    rc, out, err = bitbackd("--pidfile", pidfile, "--qmp", pool.path("pf.sock"))
+    assert (rc, out) == (1, "")
+    assert_one_line_error(
+        err, f"cannot create PID file: Could not create '{pidfile}': No such file or directory"
+    )
+
+
+def test_listening_socket_cannot_be_bound(pool: DaemonPool) -> None:
+    """A listening monitor whose socket cannot be created (its directory does not exist):
+    exit 1 with QEMU 7.2's one line (measured: ``-qmp unix:P,server=on,wait=off: Failed to
+    bind socket to P: No such file or directory``), no traceback. (``--chardev
+    socket,...,server=on`` and ``--qmp P`` fail the same way today.)"""
+    path = pool.path("no-such-dir/s.sock")
+    value = f"unix:{path},server=on,wait=off"
+    rc, out, err = bitbackd("-qmp", value)
+    assert (rc, out) == (1, "")
+    assert_one_line_error(
+        err, f"-qmp {value}: Failed to bind socket to {path}: No such file or directory"
+    )
+
+
+def test_drive_on_directory(pool: DaemonPool) -> None:
+    """A ``-drive`` whose file is a directory: exit 1, QEMU 7.2's one line (measured)."""
+    directory = pool.path("")
+    drive = f"if=virtio,id=drive0,file={directory},format=qcow2"
+    rc, out, err = bitbackd("-drive", drive)
+    assert (rc, out) == (1, "")
+    assert_one_line_error(
+        err, f"-drive {drive}: 'file' driver requires '{directory}' to be a regular file"
+    )
 
 
 def test_help() -> None:
@@ -275,7 +302,7 @@ def test_wait_on_serves_first_client(pool: DaemonPool) -> None:
     daemon = pool.start(["-qmp", f"unix:{sock},server=on,wait=on"], wait_for=[sock], probe=False)
     time.sleep(0.2)
     assert daemon.alive()
-    with RawQMP.connect(sock) as qmp:
+    with RawQMP.connect(sock, retry=5) as qmp:
         assert "QMP" in qmp.greeting
         qmp.negotiate()
         assert qmp.ok("query-status")["status"] == "prelaunch"
@@ -304,7 +331,3 @@ def test_client_disconnect_does_not_stop_daemon(pool: DaemonPool) -> None:
         again.wait_eof()
     assert daemon.wait() == 0
     assert_no_traceback(daemon)
-
-
-def assert_no_traceback(daemon: Running) -> None:
-    assert "Traceback" not in daemon.stderr, daemon.stderr

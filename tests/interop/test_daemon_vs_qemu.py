@@ -906,12 +906,12 @@ def test_quit_then_images_are_clean_and_equal(twin: Any, seed_drive: Prepare,
         64 * MiB + 32 * KiB] * 2
 
 
-# ------------------------------------------------------------- known bitbackd differences
+# ------------------------------------------------------------ one backend, QEMU's answer
 #
-# Each test asserts QEMU 7.2's behaviour. It runs against QEMU (and must pass there, which is
-# what shows the assertion is right) and against bitbackd, where it is a strict xfail naming
-# the code at fault; fixing that code turns the xfail into a failure that asks for the mark
-# to go.
+# Each test below asserts QEMU 7.2's behaviour on one backend at a time; the QEMU run shows
+# that the assertion is QEMU's behaviour. Where bitbackd is known to differ, its run is a
+# strict xfail whose reason names the code at fault (fixing it turns the xfail into a failure
+# that asks for the mark to go); the others are cases bitbackd once got wrong.
 
 
 def on_both(bug: str) -> list[Any]:
@@ -943,22 +943,18 @@ def _blkdebug_drive1(vm: HarnessVM, tmp_path: Path) -> None:
     })
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "BlockGraph.delete_blockdev (src/bitback/block/graph.py) checks monitor ownership before "
-    "attachment: blockdev-del of a -drive root says 'not owned by the monitor', QEMU checks "
-    "for a BlockBackend first and says 'Node X is in use'"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_blockdev_del_of_a_drive_root(backend: str, solo: Any) -> None:
+    """A node with a BlockBackend is "in use" before ownership is even asked about."""
     vm = solo(backend)
     root = vm.ok("query-block")[0]["inserted"]["node-name"]
     assert vm.qmp("blockdev-del", node_name=root)["error"] == {
         "class": "GenericError", "desc": f"Node {root} is in use"}
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "BlockGraph.delete_blockdev (src/bitback/block/graph.py) words every refusal 'Node X is "
-    "in use'; for a node that another node holds (refcount > 1, no BlockBackend) QEMU says "
-    "'Block device X is in use'"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_blockdev_del_of_a_child_node(backend: str, solo: Any, tmp_path: Path) -> None:
+    """A node that another node holds is a "Block device" in use (QEMU's refcount check)."""
     vm = solo(backend)
     vm.ok("blockdev-add", node_name="file4", driver="file",
           filename=str(tmp_path / "img3.qcow2"))
@@ -967,11 +963,9 @@ def test_blockdev_del_of_a_child_node(backend: str, solo: Any, tmp_path: Path) -
         "class": "GenericError", "desc": "Block device file4 is in use"}
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "BlockGraph._child (src/bitback/block/graph.py) resolves a child given by reference "
-    "among node names only and words the failure device=''; QEMU looks the reference up as "
-    "a device and a node (bdrv_lookup_bs) and names it in both places"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unknown_child_reference(backend: str, solo: Any) -> None:
+    """A child given by reference is looked up as a device and as a node."""
     vm = solo(backend)
     assert vm.qmp("blockdev-add", node_name="nr", driver="qcow2",
                   file="nosuch-node-ref")["error"] == {
@@ -1020,12 +1014,9 @@ def test_qemu_io_by_qdev_id_of_a_virtio_blk(backend: str, solo: Any, tmp_path: P
         "Error: Device does not have a block device backend\r\n")
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "write -z crossing the end of the disk fails with EIO but marks the granules inside "
-    "the disk: write_f's -z branch (src/bitback/tools/io/rw.py) skips check_range, and "
-    "BlockNode.pwrite_zeroes (src/bitback/block/node.py) marks bitmaps in its finally even "
-    "for a request refused for its bounds; QEMU refuses such requests before any marking"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_write_zeroes_crossing_the_end_marks_nothing(backend: str, solo: Any) -> None:
+    """A request refused for its bounds never reaches the node, so no bitmap is marked."""
     vm = solo(backend)
     vm.ok("block-dirty-bitmap-add", node="drive0", name="fine", granularity=512)
     assert vm.io("drive0", "write -z 67108000 2000") == "write failed: Input/output error"

@@ -185,6 +185,8 @@ class BlockGraph:
         driver = opts["driver"]
         drv: BlockDriver
         if driver == "file":
+            if not opts["filename"]:
+                raise InvalidArgumentError("The 'file' block driver requires a file name")
             drv = FileDriver(opts["filename"], read_only=read_only)
         elif driver == "null-co":
             drv = NullDriver(

@@ -129,6 +129,11 @@ class Daemon:
     def _open_drive(self, spec: DriveSpec) -> None:
         if spec.file is None:
             raise StartupError(f"{spec.origin}: drives without a medium are not supported")
+        if os.path.isdir(spec.file):
+            # QEMU's -drive wording (blockdev-add says "Could not open ...: Is a directory").
+            raise StartupError(
+                f"{spec.origin}: 'file' driver requires '{spec.file}' to be a regular file"
+            )
         try:
             opts = validate_arguments(BLOCKDEV_OPTIONS, _drive_options(spec), keyval=True)
             node = self.graph.add_blockdev(opts, monitor_owned=False)
@@ -162,7 +167,13 @@ class Daemon:
         for monitor in self.config.monitors:
             chardev = chardevs[monitor.chardev]
             if chardev.server:
-                await self.server.listen(chardev.path)
+                try:
+                    await self.server.listen(chardev.path)
+                except OSError as exc:
+                    raise StartupError(
+                        f"{chardev.origin}: Failed to bind socket to {chardev.path}: "
+                        f"{os.strerror(exc.errno or 0)}"
+                    ) from exc
                 if chardev.wait:
                     waits.append(chardev.path)
             else:
@@ -188,8 +199,17 @@ class Daemon:
             await self._shutdown()
             return 1
         if self.config.pidfile:
-            with open(self.config.pidfile, "w", encoding="ascii") as f:
-                f.write(f"{os.getpid()}\n")
+            try:
+                with open(self.config.pidfile, "w", encoding="ascii") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                print(
+                    f"{PROG}: cannot create PID file: Could not create "
+                    f"'{self.config.pidfile}': {os.strerror(exc.errno or 0)}",
+                    file=sys.stderr,
+                )
+                await self._shutdown()
+                return 1
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self._on_signal)
         await self._quit.wait()

@@ -29,6 +29,10 @@ log = logging.getLogger("bitbackd")
 Executor = Callable[[Command], Awaitable[object]]
 
 _READ_CHUNK = 1 << 16
+# A client that sends requests but never reads the replies stops being read once this much
+# output waits for it, so junk it floods in cannot grow the daemon without bound. Events
+# still queue (QEMU's monitor buffers them the same way).
+_MAX_PENDING_OUTPUT = 4 << 20
 
 
 class Session:
@@ -48,12 +52,18 @@ class Session:
         self.conn = ServerConnection(command_exists=server.command_exists)
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._pending = 0  # bytes queued and not yet handed to the transport
+        self._closed = False
+        self._drained = asyncio.Event()
 
     @property
     def negotiated(self) -> bool:
         return self.conn.negotiated
 
     def send(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._pending += len(data)
         self._queue.put_nowait(data)
 
     async def _write_loop(self) -> None:
@@ -66,6 +76,20 @@ class Session:
                 await self.writer.drain()
             except (ConnectionError, OSError):
                 break
+            finally:
+                self._pending -= len(data)
+                if self._pending <= _MAX_PENDING_OUTPUT:
+                    self._drained.set()
+        # The connection is gone (or closing): nothing will drain any more, so a reader
+        # waiting for room must not wait for ever.
+        self._closed = True
+        self._drained.set()
+
+    async def _backpressure(self) -> None:
+        """Wait while too much output is queued for this client."""
+        while self._pending > _MAX_PENDING_OUTPUT and not self._closed:
+            self._drained.clear()
+            await self._drained.wait()
 
     async def run(self) -> None:
         self._writer_task = asyncio.create_task(self._write_loop())
@@ -73,6 +97,7 @@ class Session:
         self.send(self.conn.greeting((v.major, v.minor, v.micro), v.package))
         try:
             while True:
+                await self._backpressure()
                 try:
                     data = await self.reader.read(_READ_CHUNK)
                 except (ConnectionError, OSError):
