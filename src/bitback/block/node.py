@@ -22,6 +22,7 @@ Nodes are not thread-safe: the daemon touches the whole graph from its single I/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bitback.block.driver import BlockDriver, Extent
@@ -53,6 +54,10 @@ class BlockNode(BlockDriver):
         self.refs = 1  # the creator's reference
         # Set when a parent node, device or job holds this node; blockdev-del refuses then.
         self.users: list[str] = []
+        # Called with (offset, length) before every write, write-zeroes and discard reaches
+        # the driver: copy-before-write saves the old data there. A hook that raises fails
+        # the write (nothing is written, nothing is marked).
+        self.before_write: list[Callable[[int, int], None]] = []
 
     @property
     def backing(self) -> BlockDriver | None:
@@ -97,12 +102,16 @@ class BlockNode(BlockDriver):
 
     def _admit(self, offset: int, length: int) -> None:
         """Refuse a write outside the node before it counts as a write (QEMU's
-        ``bdrv_check_request`` runs before the request is tracked, so nothing is marked)."""
+        ``bdrv_check_request`` runs before the request is tracked, so nothing is marked),
+        then let the before-write hooks run."""
         if self.driver.grows_on_write:
             if offset < 0 or length < 0:
                 self.driver.check_request(offset, length, write=True)
         else:
             self.driver.check_request(offset, length, write=True)
+        if length:
+            for hook in list(self.before_write):
+                hook(offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = len(memoryview(data).cast("B"))
