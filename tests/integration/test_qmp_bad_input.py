@@ -149,7 +149,7 @@ def test_bad_request_shape(pair: Pair, data: bytes, desc: str) -> None:
 # -- unknown commands and wrong arguments ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["no-such-command", "drive-backup", "x" * 2000, ""])
+@pytest.mark.parametrize("name", ["no-such-command", "block-commit", "x" * 2000, ""])
 def test_unknown_command(pair: Pair, name: str) -> None:
     """Unknown commands (including ones bitbackd does not have yet, a very long name and
     the empty name) are CommandNotFound with QEMU's text."""

@@ -202,36 +202,43 @@ def qmp(cmd: str, **kwargs: Any) -> Qmp:
 
 
 def io_steps(size: int) -> st.SearchStrategy[Io]:
-    """Requests around the interesting places of a disk of ``size`` bytes: anywhere, near
-    granule boundaries, up to the end exactly, and across it."""
+    """Requests around the interesting places of a disk of ``size`` bytes: on and next to
+    granule boundaries of every size, anywhere, up to the end exactly, and across it."""
     kind = st.sampled_from(["write", "write", "zero", "zero-unmap", "discard"])
-    anchors = st.sampled_from([0, size // 2, 64 * KiB, 1 * MiB, 2 * MiB, 32 * MiB])
-    nudges = st.sampled_from([0, 0, 1, -1, 511, -512, 512, 4096, -65536, 65536 + 1])
+    nudge = st.sampled_from([0, 0, 0, 1, -1, 511, -512, 512, 4096, -65536, 65537])
+    unit = st.sampled_from([512, 4 * KiB, 64 * KiB, 128 * KiB, 1 * MiB, 2 * MiB])
     offset = st.one_of(
-        st.builds(lambda a, n: max(0, a + n), anchors, nudges),
+        st.builds(lambda u, k, n: max(0, u * k + n), unit, st.integers(0, 48), nudge),
+        st.builds(lambda n: max(0, size // 2 + n), nudge),
         st.integers(0, size + 4 * KiB),
     )
     length = st.one_of(
-        st.sampled_from([1, 511, 512, 513, 4096, 65535, 65536, 65537, 1 * MiB, 2 * MiB + 1]),
+        st.builds(lambda u, k, n: max(0, u * k + n), unit, st.integers(1, 8), nudge),
         st.integers(0, 4 * MiB),
     )
     back = st.sampled_from([0, 1, 511, 512, 513, 4096, 65535, 65536, 65537, 1 * MiB])
     near_end = st.builds(lambda k, b, n: Io(k, max(0, size - b), n), kind, back,
                          st.sampled_from([0, 1, 2, 512, 513, 4096, 65536, 65537, 2 * MiB]))
     to_end = st.builds(lambda k, b: Io(k, max(0, size - b), min(size, b)), kind, back)
-    return st.one_of(st.builds(Io, kind, offset, length), near_end, to_end)
+    anywhere = st.builds(Io, kind, offset, length)
+    return st.one_of(anywhere, anywhere, near_end, to_end)
 
 
 def resize_steps(size: int) -> st.SearchStrategy[Qmp]:
-    sectors = st.one_of(
-        st.builds(lambda d: max(0, size + 512 * d), st.integers(-300, 300)),
-        st.builds(lambda s: 512 * s, st.integers(0, MAX_SIZE // 512)),
-        st.sampled_from([0, 512, 64 * MiB, 65 * MiB]),
-    )
-    return sectors.map(lambda n: qmp("block_resize", device="drive0", size=n))
+    """Mostly small moves of the end (a few sectors or granules either way), or a round size
+    (a multiple of 4 MiB: whole 64-bit words of bitmap for granularities up to 64 KiB),
+    sometimes a jump anywhere up to MAX_SIZE."""
+    near = st.builds(lambda d, unit: max(0, size + d * unit), st.integers(-8, 8),
+                     st.sampled_from([512, 64 * KiB, 1 * MiB]))
+    round_size = st.builds(lambda k: k * 4 * MiB, st.integers(0, MAX_SIZE // (4 * MiB)))
+    anywhere = st.builds(lambda s: 512 * s, st.integers(0, MAX_SIZE // 512))
+    sizes = st.one_of(near, near, round_size, anywhere, st.sampled_from([0, 65 * MiB]))
+    return sizes.map(lambda n: qmp("block_resize", device="drive0", size=n))
 
 
-def add_steps() -> st.SearchStrategy[Qmp]:
+def add_steps(names: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[Qmp]:
+    """``block-dirty-bitmap-add`` of a name from ``names`` (default: the pool)."""
+
     def add(name: str, granularity: int | None, disabled: bool) -> Qmp:
         kwargs: dict[str, Any] = {"node": "drive0", "name": name}
         if granularity is not None:
@@ -240,7 +247,8 @@ def add_steps() -> st.SearchStrategy[Qmp]:
             kwargs["disabled"] = True
         return qmp("block-dirty-bitmap-add", **kwargs)
 
-    return st.builds(add, st.sampled_from(NAMES), st.sampled_from(GRANULARITIES),
+    name = st.sampled_from(NAMES) if names is None else names
+    return st.builds(add, name, st.sampled_from(GRANULARITIES),
                      st.sampled_from([False, False, False, True]))
 
 
@@ -266,9 +274,13 @@ def bitmap_steps(model: Model) -> st.SearchStrategy[Qmp]:
 
 
 def steps_for(model: Model) -> st.SearchStrategy[Step]:
-    """About 2 requests : 2 bitmap commands : 1 resize."""
-    io, bitmaps = io_steps(model.size), bitmap_steps(model)
-    return st.one_of(io, io, bitmaps, bitmaps, resize_steps(model.size))
+    """Requests, bitmap commands and resizes about 4 : 4 : 1."""
+    kinds: dict[str, st.SearchStrategy[Any]] = {
+        "io": io_steps(model.size),
+        "bitmap": bitmap_steps(model),
+        "resize": resize_steps(model.size),
+    }
+    return st.sampled_from(["io"] * 4 + ["bitmap"] * 4 + ["resize"]).flatmap(kinds.__getitem__)
 
 
 # ------------------------------------------------------------------------------ running
@@ -323,11 +335,12 @@ def test_random_bitmap_programs_match_qemu_and_the_model(
     # The whole program is drawn first (against a scratch model), so that examples that
     # Hypothesis throws away cost no process starts.
     start = data.draw(st.sampled_from(START_SIZES), label="start size")
+    adds = data.draw(st.integers(1, len(NAMES) - 1), label="bitmaps to start with")
     length = data.draw(st.integers(1, 16), label="number of steps")
     scratch = Model(start)
     program: list[Step] = []
-    for index in range(length + 1):
-        strategy = add_steps() if index == 0 else steps_for(scratch)
+    for index in range(adds + length):
+        strategy = add_steps(st.just(NAMES[index])) if index < adds else steps_for(scratch)
         program.append(data.draw(strategy, label=f"step {index}"))
         program[-1].apply(scratch)
     note("program:\n" + "\n".join(f"  {i}: {describe(step)}" for i, step in enumerate(program)))

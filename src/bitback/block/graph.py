@@ -339,12 +339,31 @@ class BlockGraph:
         del self.monitor_owned[node_name]
         self._drop_tree(node)
 
-    def _drop_tree(self, node: BlockNode) -> None:
-        """Close ``node`` and forget every node that closing it closed."""
-        node.close()
+    def release_node(self, node: BlockNode) -> list[BitbackError]:
+        """Flush and close a node the daemon opened for itself (a backup target), and
+        forget every node that closing it closed. Errors are returned, not raised: the
+        caller decides whether a failed flush fails its operation."""
+        failures: list[BitbackError] = []
+        try:
+            node.flush()
+        except BitbackError as exc:
+            failures.append(exc)
+        try:
+            self._drop_tree(node)
+        except BitbackError as exc:
+            failures.append(exc)
+            self._forget_closed()
+        return failures
+
+    def _forget_closed(self) -> None:
         for name, other in list(self.nodes.items()):
             if other.closed:
                 del self.nodes[name]
+
+    def _drop_tree(self, node: BlockNode) -> None:
+        """Close ``node`` and forget every node that closing it closed."""
+        node.close()
+        self._forget_closed()
 
     def close_all(self) -> list[BitbackError]:
         """Flush and close everything (quit, SIGTERM). Errors are collected, not raised, so

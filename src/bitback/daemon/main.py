@@ -225,8 +225,10 @@ class Daemon:
             self.request_quit("signal")
 
     async def _shutdown(self) -> int:
-        """Close clients, then flush and close every image. Exit status 0 unless an image
-        could not be flushed (data the user believed written may be lost: say so)."""
+        """Cancel running jobs (their events still reach the clients), close clients, then
+        flush and close every image. Exit status 0 unless an image could not be flushed
+        (data the user believed written may be lost: say so)."""
+        await self.ctx.jobs.cancel_all()
         await self.server.close()
         failures = await self.io.run(self.graph.close_all)
         self.io.shutdown()

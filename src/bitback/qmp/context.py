@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 from bitback.block.driver import BlockDriver
 from bitback.block.graph import BlockGraph
 from bitback.block.iothread import IOThread
+from bitback.jobs.registry import JobRegistry
 
 __all__ = ["QMPContext", "Version"]
 
@@ -41,7 +42,11 @@ class QMPContext:
     # The qemu-io command table lives with the tools (above this layer); the daemon hands
     # it in: (node, command line, discard allowed) -> output text.
     run_qemu_io: Callable[[BlockDriver, str, bool], str]
+    jobs: JobRegistry = field(init=False)
     version: Version = field(default_factory=Version)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobRegistry(self.emit)
 
     async def block(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run block-layer work on the I/O thread."""

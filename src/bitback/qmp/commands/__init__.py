@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from bitback.qmp.commands import bitmaps, block, misc
+from bitback.qmp.commands import bitmaps, block, jobs, misc, transaction
 
-__all__ = ["bitmaps", "block", "misc"]
+__all__ = ["bitmaps", "block", "jobs", "misc", "transaction"]
