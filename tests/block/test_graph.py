@@ -19,7 +19,6 @@ import pytest
 from bitback.bitmaps import BitmapBusyError, DirtyBitmap, GranularityError
 from bitback.block.dirty_bitmaps import (
     add_bitmap,
-    attach_bitmap,
     clear_bitmap,
     find_bitmap,
     merge_bitmaps,
@@ -763,17 +762,14 @@ def test_busy_bitmaps_are_refused(
 
 def test_clear_enable_disable_remove(bitmaps: tuple[BlockNode, DirtyBitmap, DirtyBitmap]) -> None:
     """clear returns the old bits (for a transaction's undo); enable/disable return the old
-    state; remove detaches and attach_bitmap puts the bitmap back where it was."""
+    state; remove detaches."""
     node, x, y = bitmaps
     old = clear_bitmap(x)
     assert x.count() == 0 and old.count() == CLUSTER
     assert set_bitmap_enabled(y, True) is False and y.enabled
     assert set_bitmap_enabled(y, False) is True and not y.enabled
-    index = node.bitmaps.index(x)
     remove_bitmap(node, x)
     assert node.bitmaps == [y] and node.bitmap("x") is None
-    attach_bitmap(node, x, index)
-    assert node.bitmaps == [y, x]
 
 
 def test_read_only_and_inconsistent_bitmaps(

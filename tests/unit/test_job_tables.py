@@ -253,3 +253,10 @@ async def test_job_refuses_verb(status: JobStatus, verb: JobVerb) -> None:
                 f"Job 'j' in state '{status}' cannot accept command verb '{verb}'"
             )
         assert job.status is status
+
+
+@aio
+async def test_ready_job_without_complete_step_refuses_complete() -> None:
+    async with job_in(S.READY) as job:
+        with pytest.raises(InvalidArgumentError, match=r"^The active block job 'j' cannot be"):
+            job.complete()

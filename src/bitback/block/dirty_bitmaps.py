@@ -20,7 +20,7 @@ from bitback.errors import InvalidArgumentError, NotFoundError, UnsupportedFeatu
 __all__ = [
     "MAX_BITMAP_NAME",
     "add_bitmap",
-    "attach_bitmap",
+    "check_removable",
     "clear_bitmap",
     "find_bitmap",
     "merge_bitmaps",
@@ -79,17 +79,17 @@ def add_bitmap(
     return bitmap
 
 
-def remove_bitmap(node: BlockNode, bitmap: DirtyBitmap) -> None:
-    """Drop ``bitmap`` from ``node``. Busy or read-only bitmaps stay; inconsistent ones may
-    go (removing is how a user gets rid of them)."""
+def check_removable(bitmap: DirtyBitmap) -> None:
+    """Busy or read-only bitmaps stay; inconsistent ones may go (removing is how a user
+    gets rid of them)."""
     if bitmap.busy or bitmap.readonly:
         bitmap.check_usable()
+
+
+def remove_bitmap(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    """Drop ``bitmap`` from ``node`` (after :func:`check_removable`)."""
+    check_removable(bitmap)
     node.bitmaps.remove(bitmap)
-
-
-def attach_bitmap(node: BlockNode, bitmap: DirtyBitmap, index: int = 0) -> None:
-    """Put ``bitmap`` back on ``node`` at ``index`` (the undo of a remove)."""
-    node.bitmaps.insert(index, bitmap)
 
 
 def clear_bitmap(bitmap: DirtyBitmap) -> GranuleBits:

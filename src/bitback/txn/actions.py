@@ -30,9 +30,11 @@ from typing import Any
 from bitback.bitmaps import DirtyBitmap, GranuleBits
 from bitback.block.dirty_bitmaps import (
     add_bitmap,
+    check_removable,
     clear_bitmap,
     find_bitmap,
     merge_bitmaps,
+    remove_bitmap,
     set_bitmap_enabled,
 )
 from bitback.block.graph import BlockGraph
@@ -106,8 +108,7 @@ async def _bitmap_remove(env: ActionEnv, txn: Transaction, data: dict[str, Any])
 
     def run() -> None:
         node, bitmap = find_bitmap(env.graph, data["node"], data["name"])
-        if bitmap.busy or bitmap.readonly:
-            bitmap.check_usable()
+        check_removable(bitmap)
         bitmap.busy = True  # later actions of this transaction must not use it
         held.append((node, bitmap))
 
@@ -119,7 +120,7 @@ async def _bitmap_remove(env: ActionEnv, txn: Transaction, data: dict[str, Any])
         for node, bitmap in held:
             bitmap.busy = False
             if bitmap in node.bitmaps:
-                node.bitmaps.remove(bitmap)
+                remove_bitmap(node, bitmap)
 
     txn.on_abort(lambda: env.io.run(undo))
     txn.on_commit(lambda: env.io.run(commit))

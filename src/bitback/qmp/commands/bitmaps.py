@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitback.bitmaps import DirtyBitmap
-from bitback.block.dirty_bitmaps import (
-    add_bitmap,
-    clear_bitmap,
-    find_bitmap,
-    merge_bitmaps,
-    remove_bitmap,
-    set_bitmap_enabled,
-)
-from bitback.errors import InvalidArgumentError
+from bitback.block.dirty_bitmaps import find_bitmap
 from bitback.qmp.context import QMPContext
 from bitback.qmp.registry import REGISTRY
 from bitback.qmp.schema import BOOL, STR, UINT32, Alternate, ListOf, Member, Struct
+from bitback.txn.actions import ActionEnv, run_transaction
 
 __all__ = ["BITMAP_ADD_ARGS", "BITMAP_ARGS", "BITMAP_MERGE_ARGS"]
 
@@ -44,82 +36,26 @@ BITMAP_MERGE_ARGS = Struct(
 )
 
 
-@REGISTRY.command("block-dirty-bitmap-add", BITMAP_ADD_ARGS)
-async def bitmap_add(ctx: QMPContext, args: dict[str, Any]) -> object:
-    if not args["name"]:
-        raise InvalidArgumentError("Bitmap name cannot be empty")
-
-    def run() -> None:
-        node = ctx.graph.lookup_name(args["node"])
-        add_bitmap(
-            node,
-            args["name"],
-            granularity=args.get("granularity"),
-            persistent=args.get("persistent", False),
-            disabled=args.get("disabled", False),
-            label=args["node"],
-        )
-
-    await ctx.block(run)
+async def _one_action(ctx: QMPContext, kind: str, args: dict[str, Any]) -> object:
+    """The plain bitmap commands are transactions of one action: one implementation of
+    each step, its checks and its texts."""
+    env = ActionEnv(graph=ctx.graph, io=ctx.io, registry=ctx.jobs)
+    await run_transaction(env, [(kind, args)])
     return {}
 
 
-@REGISTRY.command("block-dirty-bitmap-remove", BITMAP_ARGS)
-async def bitmap_remove(ctx: QMPContext, args: dict[str, Any]) -> object:
-    def run() -> None:
-        node, bitmap = find_bitmap(ctx.graph, args["node"], args["name"])
-        remove_bitmap(node, bitmap)
+def _register(kind: str, schema: Struct) -> None:
+    async def handler(ctx: QMPContext, args: dict[str, Any]) -> object:
+        return await _one_action(ctx, kind, args)
 
-    await ctx.block(run)
-    return {}
+    handler.__name__ = kind.replace("-", "_")
+    REGISTRY.command(kind, schema)(handler)
 
 
-@REGISTRY.command("block-dirty-bitmap-clear", BITMAP_ARGS)
-async def bitmap_clear(ctx: QMPContext, args: dict[str, Any]) -> object:
-    def run() -> None:
-        clear_bitmap(find_bitmap(ctx.graph, args["node"], args["name"])[1])
-
-    await ctx.block(run)
-    return {}
-
-
-@REGISTRY.command("block-dirty-bitmap-enable", BITMAP_ARGS)
-async def bitmap_enable(ctx: QMPContext, args: dict[str, Any]) -> object:
-    def run() -> None:
-        set_bitmap_enabled(find_bitmap(ctx.graph, args["node"], args["name"])[1], True)
-
-    await ctx.block(run)
-    return {}
-
-
-@REGISTRY.command("block-dirty-bitmap-disable", BITMAP_ARGS)
-async def bitmap_disable(ctx: QMPContext, args: dict[str, Any]) -> object:
-    def run() -> None:
-        set_bitmap_enabled(find_bitmap(ctx.graph, args["node"], args["name"])[1], False)
-
-    await ctx.block(run)
-    return {}
-
-
-def resolve_sources(ctx: QMPContext, node: str, sources: list[Any]) -> list[DirtyBitmap]:
-    """Merge sources: a plain name lives on ``node``; ``{node, name}`` anywhere."""
-    out = []
-    for src in sources:
-        if isinstance(src, str):
-            out.append(find_bitmap(ctx.graph, node, src)[1])
-        else:
-            out.append(find_bitmap(ctx.graph, src["node"], src["name"])[1])
-    return out
-
-
-@REGISTRY.command("block-dirty-bitmap-merge", BITMAP_MERGE_ARGS)
-async def bitmap_merge(ctx: QMPContext, args: dict[str, Any]) -> object:
-    def run() -> None:
-        target = find_bitmap(ctx.graph, args["node"], args["target"])[1]
-        merge_bitmaps(target, resolve_sources(ctx, args["node"], args["bitmaps"]))
-
-    await ctx.block(run)
-    return {}
+_register("block-dirty-bitmap-add", BITMAP_ADD_ARGS)
+_register("block-dirty-bitmap-merge", BITMAP_MERGE_ARGS)
+for _kind in ("remove", "clear", "enable", "disable"):
+    _register(f"block-dirty-bitmap-{_kind}", BITMAP_ARGS)
 
 
 @REGISTRY.command("x-debug-block-dirty-bitmap-sha256", BITMAP_ARGS)
