@@ -110,11 +110,13 @@ class Session:
                         continue
                     self.send(await self.server.execute(self, item))
                     if self.server.quitting:
-                        await self._drain_queue()
+                        # Stop reading, but stay connected: the shutdown's events (jobs
+                        # cancelled by quit) still go out; QMPServer.close() ends us.
                         return
         finally:
-            self.server.sessions.discard(self)
-            await self._close()
+            if not self.server.quitting:
+                self.server.sessions.discard(self)
+                await self._close()
 
     async def _drain_queue(self) -> None:
         self._queue.put_nowait(None)
@@ -211,9 +213,8 @@ class QMPServer:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
         for session in list(self.sessions):
-            await session._drain_queue()
-            with contextlib.suppress(Exception):
-                session.writer.close()
+            await session._close()
+        self.sessions.clear()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
