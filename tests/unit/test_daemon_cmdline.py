@@ -286,6 +286,25 @@ def test_json_takes_one_value(text: str) -> None:
     assert option_error(parse_json_object, text) == "Expecting at most one JSON value"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [  # argv as Python decodes it (surrogateescape); QEMU prints the bytes quoted as they are
+        ("{\u00e9}", "JSON parse error, stray '\udcc3'"),  # only the first byte is a token
+        ('{"a":"\udcfe"}', "JSON parse error, stray '\"\udcfe'"),  # 0xFE ends a string
+        ('{"a":"\udc80"}', "JSON parse error, invalid UTF-8 sequence in string"),
+        ('{"a":"\ufdd0"}', "JSON parse error, invalid UTF-8 sequence in string"),
+        ('{"a":"\\u[\ufffe"}', "JSON parse error, \\u[\ufffe is not a valid Unicode character"),
+        ('{"a":1}\udcff', "Expecting at most one JSON value"),
+    ],
+)
+def test_json_judges_argv_bytes(text: str, message: str) -> None:
+    assert option_error(parse_json_object, text) == message
+
+
+def test_json_modified_utf8_nul() -> None:
+    assert parse_json_object('{"a":"\udcc0\udc80"}') == {"a": "\0"}  # bytes C0 80
+
+
 def test_json_nesting_limit_is_1024() -> None:
     assert parse_json_object('{"a":' + "[" * 1023 + "]" * 1023 + "}")["a"]
     deep = '{"a":' + "[" * 1024 + "]" * 1024 + "}"

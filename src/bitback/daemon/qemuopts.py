@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias, cast
 
 from bitback.errors import InvalidArgumentError
+from bitback.qmp.jsonstream import ParseError, parse_json_text
 
 __all__ = [
     "JsonValue",
@@ -49,7 +50,6 @@ JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, J
 OptType = Literal["str", "bool", "number"]
 
 _INT_MAX = 2**31 - 1
-_MAX_NESTING = 1024
 _FRAGMENT_MAX = 127  # keyval key fragments are at most 127 characters
 
 
@@ -364,250 +364,21 @@ def keyval_parse(text: str, implied_key: str | None = None) -> dict[str, JsonVal
 # ---------------------------------------------------------------------------------------------
 # JSON (QEMU's dialect)
 
-_Token = tuple[str, str]  # (kind, text); kinds: "{}[]:," "string" "number" "keyword" "error"
-
-
-def _json_number_end(text: str, i: int) -> tuple[int, bool]:
-    """End of the number token at ``i`` and whether it is a lexical error (stray text)."""
-    n = len(text)
-    j = i + 1 if text[i] == "-" else i
-    if j >= n:
-        return j, True
-    if not _digit(text[j]):
-        return j + 1, True
-    zero = text[j] == "0"
-    j += 1
-    if zero:
-        if j < n and _digit(text[j]):
-            return j + 1, True
-    else:
-        while j < n and _digit(text[j]):
-            j += 1
-    if j < n and text[j] == ".":
-        j += 1
-        if j >= n or not _digit(text[j]):
-            return min(j + 1, n), True
-        while j < n and _digit(text[j]):
-            j += 1
-    elif zero:
-        return j, False  # QEMU's lexer takes no exponent right after a lone 0
-    if j < n and text[j] in "eE":
-        j += 1
-        if j < n and text[j] in "+-":
-            j += 1
-        if j >= n or not _digit(text[j]):
-            return min(j + 1, n), True
-        while j < n and _digit(text[j]):
-            j += 1
-    return j, False
-
-
-def _json_tokens(text: str) -> list[_Token]:
-    """Tokens up to and including the first lexical error (kind ``"error"``)."""
-    tokens: list[_Token] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c in " \t\r\n":
-            i += 1
-        elif c in "{}[]:,":
-            tokens.append((c, c))
-            i += 1
-        elif c in "\"'":
-            j = i + 1
-            while j < n and text[j] != c:
-                if text[j] < " ":
-                    return [*tokens, ("error", text[i : j + 1])]
-                if text[j] == "\\":
-                    j += 1
-                    if j < n and text[j] < " ":
-                        return [*tokens, ("error", text[i : j + 1])]
-                j += 1
-            if j >= n:
-                return [*tokens, ("error", text[i:])]
-            tokens.append(("string", text[i : j + 1]))
-            i = j + 1
-        elif c == "-" or _digit(c):
-            j, bad = _json_number_end(text, i)
-            tokens.append(("error" if bad else "number", text[i:j]))
-            if bad:
-                return tokens
-            i = j
-        elif "a" <= c <= "z":
-            j = i
-            while j < n and "a" <= text[j] <= "z":
-                j += 1
-            tokens.append(("keyword", text[i:j]))
-            i = j
-        else:
-            return [*tokens, ("error", c)]
-    return tokens
-
-
-def _valid_codepoint(cp: int) -> bool:
-    return (
-        0 <= cp <= 0x10FFFF
-        and not 0xFDD0 <= cp <= 0xFDEF
-        and cp & 0xFFFE != 0xFFFE
-        and not 0xD800 <= cp <= 0xDFFF
-    )
-
-
-def _hex4(text: str, i: int) -> int:
-    digits = text[i : i + 4]
-    if len(digits) < 4 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        return -1
-    return int(digits, 16)
-
-
-_ESCAPES = dict(zip("\"'\\/bfnrt", "\"'\\/\b\f\n\r\t", strict=True))
-
-
-def _json_string(token: str) -> str:
-    """Decode a string token (quotes included), as QEMU's ``parse_string``."""
-    out: list[str] = []
-    i, last = 1, len(token) - 1
-    while i < last:
-        c = token[i]
-        if c != "\\":
-            if not _valid_codepoint(ord(c)):
-                raise OptionError("JSON parse error, invalid UTF-8 sequence in string")
-            out.append(c)
-            i += 1
-            continue
-        beg, esc = i, token[i + 1]
-        i += 2
-        if esc in _ESCAPES:
-            out.append(_ESCAPES[esc])
-            continue
-        if esc != "u":
-            raise OptionError("JSON parse error, invalid escape sequence in string")
-        cp = _hex4(token, i)
-        i += 4
-        if 0xD800 <= cp <= 0xDBFF and token[i : i + 2] == "\\u":
-            low = _hex4(token, i + 2)
-            if 0xDC00 <= low <= 0xDFFF:
-                cp = 0x10000 + ((cp & 0x3FF) << 10) + (low & 0x3FF)
-                i += 6
-            else:
-                cp = -1
-        if not _valid_codepoint(cp):
-            raise OptionError(f"JSON parse error, {token[beg:i]} is not a valid Unicode character")
-        out.append(chr(cp))
-    return "".join(out)
-
-
-def _json_number(text: str) -> int | float:
-    """int64 if it fits, else uint64, else a double (as QEMU's ``parse_literal``)."""
-    if not any(c in text for c in ".eE"):
-        value = int(text)
-        if -(2**63) <= value < 2**64:
-            return value
-    return float(text)
-
-
-class _Frame:
-    """An open container while parsing: a list, or a dict and the key awaiting its value."""
-
-    __slots__ = ("container", "key")
-
-    def __init__(self, container: list[JsonValue] | dict[str, JsonValue]) -> None:
-        self.container = container
-        self.key: str | None = None
-
-
-def _perr(what: str) -> OptionError:
-    return OptionError(f"JSON parse error, {what}")
-
-
-def _json_parse(tokens: list[_Token]) -> JsonValue:
-    """Parse one message's tokens; iterative, so 1024 levels need no deep Python recursion."""
-    pos, n = 0, len(tokens)
-    stack: list[_Frame] = []
-    while True:
-        if pos >= n:
-            raise _perr("premature EOI")
-        kind, text = tokens[pos]
-        value: JsonValue
-        if kind in ("{", "["):
-            pos += 1
-            if pos >= n:
-                raise _perr("premature EOI")
-            if tokens[pos][0] == ("}" if kind == "{" else "]"):
-                pos += 1
-                value = {} if kind == "{" else []
-            else:
-                stack.append(_Frame({} if kind == "{" else []))
-                continue
-        elif kind == "string":
-            value, pos = _json_string(text), pos + 1
-        elif kind == "number":
-            value, pos = _json_number(text), pos + 1
-        elif kind == "keyword":
-            if text not in ("true", "false", "null"):
-                raise _perr(f"invalid keyword '{text}'")
-            value, pos = {"true": True, "false": False, "null": None}[text], pos + 1
-        else:
-            raise _perr("expecting value")
-        while True:  # hand the value to the open containers, closing those that end
-            if not stack:
-                return value
-            frame = stack[-1]
-            box = frame.container
-            if isinstance(box, dict) and frame.key is None:
-                if not isinstance(value, str):
-                    raise _perr("key is not a string in object")
-                if pos >= n:
-                    raise _perr("premature EOI")
-                if tokens[pos][0] != ":":
-                    raise _perr("missing : in object pair")
-                frame.key, pos = value, pos + 1
-                break
-            if isinstance(box, dict):
-                assert frame.key is not None
-                if frame.key in box:
-                    raise _perr("duplicate key")
-                box[frame.key], frame.key = value, None
-            else:
-                box.append(value)
-            if pos >= n:
-                raise _perr("premature EOI")
-            sep, pos = tokens[pos][0], pos + 1
-            if sep == ("}" if isinstance(box, dict) else "]"):
-                value = stack.pop().container
-                continue
-            if sep != ",":
-                raise _perr(f"expected separator in {'dict' if isinstance(box, dict) else 'list'}")
-            break
-
 
 def parse_json_object(text: str) -> dict[str, JsonValue]:
     """Parse ``text`` (which starts with ``{``) as exactly one JSON object, QEMU style.
 
-    Tokens are grouped into messages like QEMU's JSON streamer: a lexical error before the first
-    object closes is a ``stray`` error; anything after it is "Expecting at most one JSON value".
+    As ``qobject_from_json``: the text goes through QEMU's JSON streamer, then end of input
+    (:func:`bitback.qmp.jsonstream.parse_json_text`). The first message decides: its error
+    (a lexical error before the object closes is a ``stray`` one), or its value, unless
+    anything at all follows it ("Expecting at most one JSON value").
     """
-    braces = brackets = 0
-    message: list[_Token] = []
-    result: JsonValue = None
-    done = False
-    for token in _json_tokens(text):
-        if done:
-            raise OptionError("Expecting at most one JSON value")
-        if token[0] == "error":
-            raise _perr(f"stray '{token[1]}'")
-        message.append(token)
-        braces += {"{": 1, "}": -1}.get(token[0], 0)
-        brackets += {"[": 1, "]": -1}.get(token[0], 0)
-        if braces < 0 or brackets < 0 or braces == brackets == 0:
-            result, done = _json_parse(message), True
-        elif braces + brackets > _MAX_NESTING:
-            raise OptionError("JSON nesting depth limit exceeded")
-    if not done:
-        result = _json_parse(message)
+    result = parse_json_text(text)
+    if isinstance(result, ParseError):
+        raise OptionError(result.desc)
     if not isinstance(result, dict):
-        raise _perr("expecting value")
-    return result
+        raise OptionError("JSON parse error, expecting value")
+    return cast("dict[str, JsonValue]", result)
 
 
 def parse_dict_option(text: str, implied_key: str | None) -> tuple[dict[str, JsonValue], bool]:

@@ -24,6 +24,11 @@ Errors and recovery, as measured on QEMU 7.2:
   count 2 Mi (``... token count ...``) and nest 1024 deep (``... nesting depth ...``).
   Whitespace between tokens is not counted.
 
+End of input (:meth:`JSONStreamer.flush`, QEMU's ``json_message_parser_flush``) ends a pending
+number or keyword, makes any other unfinished token a ``stray`` error and parses an unbalanced
+message as it stands (``premature EOI``). :func:`parse_json_text` is ``qobject_from_json``:
+exactly one value from a whole text, as QEMU reads ``-blockdev '{...}'``.
+
 Memory: the text of the pending message (its tokens) is held until it completes, at most
 64 MiB, as QEMU holds it; on any error it is dropped at once.
 """
@@ -42,6 +47,7 @@ __all__ = [
     "JSONStreamer",
     "ParseError",
     "decode_mutf8",
+    "parse_json_text",
 ]
 
 MAX_TOKEN_SIZE = 64 << 20
@@ -130,9 +136,15 @@ class JSONStreamer:
 
     Values are ``dict`` (insertion order = input order), ``list``, ``str``, ``int``,
     ``float``, ``bool`` and ``None``.
+
+    Error texts that quote input (``stray '...'``, ``... is not a valid Unicode character``)
+    show each bad UTF-8 sequence as U+FFFD, as QEMU's QMP replies do. With ``raw_errors``
+    they show the input bytes as they are, decoded with ``surrogateescape``, as QEMU prints
+    them on its command line (raw bytes to stderr).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, raw_errors: bool = False) -> None:
+        self._raw = raw_errors
         self._state = START
         self._token = bytearray()  # the token being lexed
         # The pending message: token kinds, their concatenated text and end offsets.
@@ -222,10 +234,30 @@ class JSONStreamer:
         out, self._out = self._out, []
         return out
 
+    def flush(self) -> list[Any]:
+        """End of input (``json_message_parser_flush``): return what it completes.
+
+        A pending number or keyword token ends; any other unfinished token (``"abc``, ``-``,
+        ``1.``) is a ``stray`` error. Then a message whose brackets never balanced is parsed
+        as it stands, which normally gives ``premature EOI``. The streamer can be fed again.
+        """
+        state = self._state
+        terminal = _TERMINAL.get(state)
+        if terminal is not None:
+            self._emit(terminal, self._token)
+        elif state not in (START, RECOVERY):
+            self._error()
+        self._token.clear()
+        self._state = START
+        if self._kinds:  # JSON_END_OF_INPUT: no limit checks, just parse what is pending
+            self._finish(self._parse())
+        out, self._out = self._out, []
+        return out
+
     # -- lexer -> streamer (json_message_process_token) ------------------------------------
     def _error(self) -> None:
         """A byte that no token accepts: QEMU reports the token so far, then resyncs."""
-        self._finish(ParseError(f"JSON parse error, stray '{_c_text(bytes(self._token))}'"))
+        self._finish(ParseError(f"JSON parse error, stray '{_c_text(self._token, self._raw)}'"))
         self._token.clear()
         self._state = RECOVERY
 
@@ -259,11 +291,14 @@ class JSONStreamer:
         self._ends.append(len(self._text))
         if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:
             return
+        self._finish(self._parse())
+
+    def _parse(self) -> Any:
+        """The pending message's value, or its :class:`ParseError`."""
         try:
-            value: Any = _Parser(self._kinds, self._text, self._ends).parse()
+            return _Parser(self._kinds, self._text, self._ends, self._raw).parse()
         except _Fail as exc:
-            value = ParseError(f"JSON parse error, {exc.message[:1023]}")
-        self._finish(value)
+            return ParseError(f"JSON parse error, {exc.message[:1023]}")
 
     def _finish(self, value: Any) -> None:
         self._out.append(value)
@@ -271,6 +306,40 @@ class JSONStreamer:
         self._kinds = bytearray()
         self._text = bytearray()
         self._ends = array("Q")
+
+
+def parse_json_text(text: str | bytes) -> Any:
+    """Exactly one JSON value, or the :class:`ParseError` for it (``qobject_from_json``).
+
+    The whole text is fed to a :class:`JSONStreamer`, which is then flushed, so a value cut
+    off at the end gets QEMU's error for it (``premature EOI``, or ``stray`` for a broken last
+    token). The first message decides: an error is returned as it is; a value followed by
+    any other message (value or error) gives ``Expecting at most one JSON value``; no message
+    at all (empty or blank text) is ``JSON parse error, expecting value``.
+
+    A ``str`` is encoded as UTF-8; code points U+DC80..U+DCFF that Python's
+    ``surrogateescape`` made of undecodable bytes (as in ``sys.argv``) become those bytes
+    again, so the text is judged byte for byte as QEMU judges its command line. Any other lone
+    surrogate is encoded as one (CESU-8), which QEMU refuses like any surrogate. Error texts
+    quote the input raw (see :class:`JSONStreamer`), as QEMU's command line prints them: a
+    ``str`` from ``sys.argv`` gets its own characters back.
+    """
+    if isinstance(text, str):
+        try:
+            data = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = text.encode("utf-8", "surrogatepass")
+    else:
+        data = text
+    streamer = JSONStreamer(raw_errors=True)
+    results = streamer.feed(data)
+    if not results or not isinstance(results[0], ParseError):
+        results += streamer.flush()  # an error is final: what follows it does not matter
+    if not results:
+        return ParseError("JSON parse error, expecting value")
+    if len(results) > 1 and not isinstance(results[0], ParseError):
+        return ParseError("Expecting at most one JSON value")
+    return results[0]
 
 
 # -- parser (json-parser.c) --------------------------------------------------------------------
@@ -345,14 +414,18 @@ def decode_mutf8(data: bytes, *, strict: bool = True) -> str | None:
     return "".join(chr(cp) if cp >= 0 else "\ufffd" for cp in cps)
 
 
-def _c_text(data: bytes) -> str:
-    """A token as QEMU prints it in a message: a C string (ends at NUL), bad bytes U+FFFD."""
-    text = decode_mutf8(data.split(b"\0", 1)[0], strict=False)
+def _c_text(data: bytes | bytearray, raw: bool) -> str:
+    """A token as QEMU prints it in a message: a C string (ends at NUL), bad bytes U+FFFD
+    (as in QMP replies), or if ``raw`` bad bytes as ``surrogateescape`` code points."""
+    data = bytes(data).split(b"\0", 1)[0]
+    if raw:
+        return data.decode("utf-8", "surrogateescape")
+    text = decode_mutf8(data, strict=False)
     assert text is not None
     return text
 
 
-def _parse_string(token: bytes) -> str:
+def _parse_string(token: bytes, raw: bool) -> str:
     """``parse_string``: a quoted token (quotes included) to its value."""
     quote, body = token[0], token[1:]
     parts: list[str] = []
@@ -386,7 +459,7 @@ def _parse_string(token: bytes) -> str:
             else:
                 cp = -1
         if not _valid_codepoint(cp):
-            shown = _c_text(body[j:k])
+            shown = _c_text(body[j:k], raw)
             raise _Fail(f"{shown} is not a valid Unicode character")
         parts.append(chr(cp))
         i = k
@@ -403,8 +476,8 @@ def _parse_number(kind: int, text: bytes) -> int | float:
 class _Parser:
     """``json_parser_parse`` over one message's tokens, without recursion (1024 levels)."""
 
-    def __init__(self, kinds: bytearray, text: bytearray, ends: array[int]) -> None:
-        self.kinds, self.text, self.ends = kinds, text, ends
+    def __init__(self, kinds: bytearray, text: bytearray, ends: array[int], raw: bool) -> None:
+        self.kinds, self.text, self.ends, self.raw = kinds, text, ends, raw
         self.pos = 0
 
     def _pop(self) -> int:
@@ -423,7 +496,7 @@ class _Parser:
         kind = self._pop()
         text = bytes(self.text[self.ends[i - 1] if i else 0 : self.ends[i]])
         if kind == STRING:
-            return _parse_string(text)
+            return _parse_string(text, self.raw)
         if kind in (INTEGER, FLOAT):
             return _parse_number(kind, text)
         if kind == KEYWORD:
