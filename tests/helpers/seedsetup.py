@@ -4,11 +4,15 @@ in substance but not in shape, for tests that run one scenario on both.
 * :func:`make_seed_image`: ``create -f qcow2 IMG 64M`` and the three offline pattern writes of
   the seed's ``setUp``, one io-tool run per pattern as the seed does, with either tool set
   (real ``qemu-img``/``qemu-io`` or ``bitback-img``/``bitback-io``).
-* :class:`HarnessVM`: :class:`helpers.vm.VM` with the process's stdout kept in a file, so
+* :class:`HarnessVM`: :class:`helpers.vm.VM` with the process's stdout and stderr kept in a file, so
   that :meth:`HarnessVM.io` can return what an HMP ``qemu-io`` command printed on either
   backend (the first documented difference, spec 3.8).
 * :func:`device_bitmaps`: a ``query-block`` entry's bitmaps in QEMU 7.2's shape (the second
   documented difference, spec 3.5 and 12).
+* :class:`Session`, :func:`assert_same_logs` and friends: one scenario run on both backends
+  with every answer recorded, normalized and compared (``test_daemon_vs_qemu.py``).
+* :func:`granule_sha256` and ``QEMU72_VECTORS``: the model of QEMU's bitmap digest and the
+  digests QEMU 7.2 gave.
 
 Both differences are checked, not just papered over: :meth:`HarnessVM.io` requires QEMU's
 reply to be ``""`` and bitbackd's stdout to stay empty; :func:`device_bitmaps` requires
@@ -17,11 +21,14 @@ bitbackd's seed-era members to agree with the 7.2 ones they duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
 import struct
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,10 +46,18 @@ __all__ = [
     "WRITES_1",
     "WRITES_2",
     "HarnessVM",
+    "Prepare",
+    "Scenario",
+    "Session",
+    "Solo",
+    "Twin",
+    "assert_same_logs",
     "device_bitmaps",
     "granule_sha256",
     "hmp_writes",
     "make_seed_image",
+    "query_block_72",
+    "quit_vm",
     "seed_status",
 ]
 
@@ -237,7 +252,7 @@ class HarnessVM(VM):
         try:
             self.monitor.accept(timeout=self.timeout)
         except BaseException:
-            self.kill()
+            self.__exit__(None, None, None)  # kill, close the file, drop the directory
             raise
         self.monitor.settimeout(self.timeout)
         self._new_stdout()  # whatever was printed while starting up is not qemu-io's
@@ -313,3 +328,144 @@ def device_bitmaps(backend: str, info: dict[str, Any]) -> list[dict[str, Any]]:
     for bm in listed:
         assert bm["status"] == seed_status(bm), bm
     return [{k: v for k, v in bm.items() if k != "status"} for bm in listed]
+
+
+# ------------------------------------------------------------------ one scenario on both
+#
+# A twin scenario runs the same steps on bitbackd and on QEMU, each on its own copy of the
+# images in its own directory, and records every answer in a Session's log, normalized:
+# the directory becomes ``<DIR>``, automatic node names ``#block<N>``, and ``actual-size``
+# (disk usage, up to the file system) is dropped. assert_same_logs then compares the logs.
+
+def quit_vm(vm: HarnessVM) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """``quit``: its reply, the events that came with it, and the exit status."""
+    assert vm.proc is not None and vm.monitor is not None
+    reply = vm.qmp("quit")
+    events = vm.events()
+    with contextlib.suppress(Exception):  # the peer is gone; closing may say so
+        vm.monitor.close()
+    vm.proc.wait(timeout=vm.timeout)
+    vm.exitcode = vm.proc.returncode
+    return reply, events, vm.exitcode
+
+
+_AUTO_NODE = re.compile(r"#block\d+")
+
+
+def _without(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without(v, key) for v in value]
+    return value
+
+
+class Session:
+    """One backend's run of a twin scenario: its VM, its directory and its normalized log."""
+
+    def __init__(self, vm: HarnessVM, workdir: Path) -> None:
+        self.vm = vm
+        self.backend = vm.backend
+        self.dir = workdir
+        self.log: list[tuple[str, Any]] = []
+
+    def normalize(self, value: Any) -> Any:
+        text = json.dumps(value, sort_keys=True).replace(str(self.dir), "<DIR>")
+        return _without(json.loads(_AUTO_NODE.sub("#block<N>", text)), "actual-size")
+
+    def note(self, label: str, value: Any) -> None:
+        self.log.append((self.normalize(label), self.normalize(value)))
+
+    def qmp(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
+        """Run and record a command; returns the raw reply."""
+        reply = self.vm.qmp(cmd, **kwargs)
+        self.note(f"{cmd} {json.dumps(kwargs, sort_keys=True)}", reply)
+        return reply
+
+    def ok(self, cmd: str, **kwargs: Any) -> Any:
+        reply = self.qmp(cmd, **kwargs)
+        assert "return" in reply, f"{self.backend}: {cmd} {kwargs}: {reply}"
+        return reply["return"]
+
+    def error(self, cmd: str, **kwargs: Any) -> tuple[str, str]:
+        """Run a command that must fail; (class, desc), the desc normalized."""
+        reply = self.qmp(cmd, **kwargs)
+        assert "error" in reply, f"{self.backend}: {cmd} {kwargs} succeeded: {reply}"
+        return reply["error"]["class"], self.normalize(reply["error"]["desc"])
+
+    def io(self, device: str, command: str) -> str:
+        """HMP qemu-io output (either reply shape), recorded."""
+        text = self.vm.io(device, command)
+        self.note(f"qemu-io {device} {command}", text)
+        return text
+
+    def hmp(self, line: str) -> str:
+        """A monitor line whose *reply* is compared (monitor errors, parse errors)."""
+        return str(self.ok("human-monitor-command", command_line=line))
+
+    def find_entry(self, device: str) -> dict[str, Any] | None:
+        """The query-block entry of a device name, or of the node a device_add attached."""
+        for entry in self.vm.ok("query-block"):
+            if device in (entry["device"], entry["inserted"]["node-name"]):
+                return dict(entry)
+        return None
+
+    def entry(self, device: str = "drive0") -> dict[str, Any]:
+        entry = self.find_entry(device)
+        assert entry is not None, f"{self.backend}: no query-block entry for {device}"
+        return entry
+
+    def bitmaps(self, device: str = "drive0") -> list[dict[str, Any]]:
+        """The bitmaps (7.2 shape, newest first) with their digests, recorded: from
+        query-block, or from query-named-block-nodes for a node without a device."""
+        info = self.find_entry(device)
+        if info is None:
+            nodes = self.vm.ok("query-named-block-nodes")
+            info = next((n for n in nodes if n["node-name"] == device), None)
+            assert info is not None, f"{self.backend}: no node {device}"
+        found = device_bitmaps(self.backend, info)
+        for bm in found:
+            bm["sha256"] = self.vm.ok("x-debug-block-dirty-bitmap-sha256", node=device,
+                                      name=bm["name"])["sha256"]
+        self.note(f"bitmaps of {device}", found)
+        return found
+
+    def bitmap(self, name: str, device: str = "drive0") -> dict[str, Any]:
+        for bm in self.bitmaps(device):
+            if bm["name"] == name:
+                return bm
+        raise AssertionError(f"{self.backend}: no bitmap {name} on {device}")
+
+    def count(self, name: str, device: str = "drive0") -> int:
+        return int(self.bitmap(name, device)["count"])
+
+
+def query_block_72(s: Session) -> list[dict[str, Any]]:
+    """query-block in QEMU 7.2's shape (bitmaps only in ``inserted``, no ``status``)."""
+    entries = []
+    for entry in s.vm.ok("query-block"):
+        shaped = {k: v for k, v in entry.items() if k != "dirty-bitmaps"}
+        shaped["inserted"] = {**entry["inserted"],
+                              "dirty-bitmaps": device_bitmaps(s.backend, entry)}
+        entries.append(shaped)
+    return entries
+
+
+def assert_same_logs(sessions: dict[str, Session]) -> None:
+    """Every recorded step must match between the backends, in order."""
+    bb, qe = sessions["bitback"].log, sessions["qemu"].log
+    for index, ((label_b, value_b), (label_q, value_q)) in enumerate(zip(bb, qe, strict=False)):
+        assert label_b == label_q, f"step {index}: scenario diverged ({label_b} / {label_q})"
+        if value_b != value_q:
+            raise AssertionError(
+                f"step {index}, {label_b}: bitbackd and QEMU 7.2 differ\n"
+                f"--- bitbackd ---\n{json.dumps(value_b, indent=1)}\n"
+                f"--- QEMU 7.2 ---\n{json.dumps(value_q, indent=1)}"
+            )
+    assert len(bb) == len(qe), f"{len(bb)} steps on bitbackd, {len(qe)} on QEMU"
+
+
+Prepare = Callable[[Path], list[str]]
+Scenario = Callable[[Session], None]
+Twin = Callable[[Prepare, Scenario], dict[str, Session]]
+Solo = Callable[[str], HarnessVM]

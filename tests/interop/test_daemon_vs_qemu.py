@@ -34,7 +34,6 @@ Documented differences, allowed and checked rather than ignored:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -53,9 +52,17 @@ from helpers.seedsetup import (
     WRITES_1,
     WRITES_2,
     HarnessVM,
+    Prepare,
+    Scenario,
+    Session,
+    Solo,
+    Twin,
+    assert_same_logs,
     device_bitmaps,
     hmp_writes,
     make_seed_image,
+    query_block_72,
+    quit_vm,
 )
 from helpers.vm import BACKENDS, HARNESS_OPTIONS, drive_args, emulator_argv
 
@@ -93,142 +100,11 @@ def launch(qemu_system: str) -> Iterator[Callable[..., HarnessVM]]:
         vm.__exit__(None, None, None)
 
 
-def quit_vm(vm: HarnessVM) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
-    """``quit``: its reply, the events that came with it, and the exit status."""
-    assert vm.proc is not None and vm.monitor is not None
-    reply = vm.qmp("quit")
-    events = vm.events()
-    with contextlib.suppress(Exception):  # the peer is gone; closing may say so
-        vm.monitor.close()
-    vm.proc.wait(timeout=vm.timeout)
-    vm.exitcode = vm.proc.returncode
-    return reply, events, vm.exitcode
-
-
 # ------------------------------------------------------------------------------ twin runs
-
-_AUTO_NODE = re.compile(r"#block\d+")
-
-
-def _without(value: Any, key: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _without(v, key) for k, v in value.items() if k != key}
-    if isinstance(value, list):
-        return [_without(v, key) for v in value]
-    return value
-
-
-class Session:
-    """One backend's run of a twin scenario: its VM, its directory and its normalized log."""
-
-    def __init__(self, vm: HarnessVM, workdir: Path) -> None:
-        self.vm = vm
-        self.backend = vm.backend
-        self.dir = workdir
-        self.log: list[tuple[str, Any]] = []
-
-    def normalize(self, value: Any) -> Any:
-        text = json.dumps(value, sort_keys=True).replace(str(self.dir), "<DIR>")
-        return _without(json.loads(_AUTO_NODE.sub("#block<N>", text)), "actual-size")
-
-    def note(self, label: str, value: Any) -> None:
-        self.log.append((self.normalize(label), self.normalize(value)))
-
-    def qmp(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
-        """Run and record a command; returns the raw reply."""
-        reply = self.vm.qmp(cmd, **kwargs)
-        self.note(f"{cmd} {json.dumps(kwargs, sort_keys=True)}", reply)
-        return reply
-
-    def ok(self, cmd: str, **kwargs: Any) -> Any:
-        reply = self.qmp(cmd, **kwargs)
-        assert "return" in reply, f"{self.backend}: {cmd} {kwargs}: {reply}"
-        return reply["return"]
-
-    def error(self, cmd: str, **kwargs: Any) -> tuple[str, str]:
-        """Run a command that must fail; (class, desc), the desc normalized."""
-        reply = self.qmp(cmd, **kwargs)
-        assert "error" in reply, f"{self.backend}: {cmd} {kwargs} succeeded: {reply}"
-        return reply["error"]["class"], self.normalize(reply["error"]["desc"])
-
-    def io(self, device: str, command: str) -> str:
-        """HMP qemu-io output (either reply shape), recorded."""
-        text = self.vm.io(device, command)
-        self.note(f"qemu-io {device} {command}", text)
-        return text
-
-    def hmp(self, line: str) -> str:
-        """A monitor line whose *reply* is compared (monitor errors, parse errors)."""
-        return str(self.ok("human-monitor-command", command_line=line))
-
-    def find_entry(self, device: str) -> dict[str, Any] | None:
-        """The query-block entry of a device name, or of the node a device_add attached."""
-        for entry in self.vm.ok("query-block"):
-            if device in (entry["device"], entry["inserted"]["node-name"]):
-                return dict(entry)
-        return None
-
-    def entry(self, device: str = "drive0") -> dict[str, Any]:
-        entry = self.find_entry(device)
-        assert entry is not None, f"{self.backend}: no query-block entry for {device}"
-        return entry
-
-    def bitmaps(self, device: str = "drive0") -> list[dict[str, Any]]:
-        """The bitmaps (7.2 shape, newest first) with their digests, recorded: from
-        query-block, or from query-named-block-nodes for a node without a device."""
-        info = self.find_entry(device)
-        if info is None:
-            nodes = self.vm.ok("query-named-block-nodes")
-            info = next((n for n in nodes if n["node-name"] == device), None)
-            assert info is not None, f"{self.backend}: no node {device}"
-        found = device_bitmaps(self.backend, info)
-        for bm in found:
-            bm["sha256"] = self.vm.ok("x-debug-block-dirty-bitmap-sha256", node=device,
-                                      name=bm["name"])["sha256"]
-        self.note(f"bitmaps of {device}", found)
-        return found
-
-    def bitmap(self, name: str, device: str = "drive0") -> dict[str, Any]:
-        for bm in self.bitmaps(device):
-            if bm["name"] == name:
-                return bm
-        raise AssertionError(f"{self.backend}: no bitmap {name} on {device}")
-
-    def count(self, name: str, device: str = "drive0") -> int:
-        return int(self.bitmap(name, device)["count"])
-
-
-def query_block_72(s: Session) -> list[dict[str, Any]]:
-    """query-block in QEMU 7.2's shape (bitmaps only in ``inserted``, no ``status``)."""
-    entries = []
-    for entry in s.vm.ok("query-block"):
-        shaped = {k: v for k, v in entry.items() if k != "dirty-bitmaps"}
-        shaped["inserted"] = {**entry["inserted"],
-                              "dirty-bitmaps": device_bitmaps(s.backend, entry)}
-        entries.append(shaped)
-    return entries
-
-
-def assert_same_logs(sessions: dict[str, Session]) -> None:
-    """Every recorded step must match between the backends, in order."""
-    bb, qe = sessions["bitback"].log, sessions["qemu"].log
-    for index, ((label_b, value_b), (label_q, value_q)) in enumerate(zip(bb, qe, strict=False)):
-        assert label_b == label_q, f"step {index}: scenario diverged ({label_b} / {label_q})"
-        if value_b != value_q:
-            raise AssertionError(
-                f"step {index}, {label_b}: bitbackd and QEMU 7.2 differ\n"
-                f"--- bitbackd ---\n{json.dumps(value_b, indent=1)}\n"
-                f"--- QEMU 7.2 ---\n{json.dumps(value_q, indent=1)}"
-            )
-    assert len(bb) == len(qe), f"{len(bb)} steps on bitbackd, {len(qe)} on QEMU"
-
-
-Prepare = Callable[[Path], list[str]]
-Scenario = Callable[[Session], None]
 
 
 @pytest.fixture
-def twin(tmp_path: Path, launch: Callable[..., HarnessVM]) -> Callable[..., dict[str, Session]]:
+def twin(tmp_path: Path, launch: Callable[..., HarnessVM]) -> Twin:
     """``twin(prepare, scenario)``: for each backend, ``prepare(dir)`` makes the images in a
     fresh directory and returns the extra command-line arguments; then the scenario runs on
     a launched process; finally the logs are compared."""
@@ -292,7 +168,9 @@ def test_seed_setup_then_bitmap_check(backend: str, tools: str, tmp_path: Path,
     prefix = emulator_argv(backend)
     assert prefix[-len(HARNESS_OPTIONS):] == HARNESS_OPTIONS == [
         "-nodefaults", "-display", "none", "-accel", "tcg", "-S"]
-    assert vm.proc.args[len(prefix):] == [
+    argv = [str(arg) for arg in vm.proc.args]  # type: ignore[union-attr]
+    assert argv[:len(prefix)] == prefix
+    assert argv[len(prefix):] == [
         "-chardev", f"socket,id=mon,path={vm.sock}",
         "-mon", "chardev=mon,mode=control",
         "-drive", f"if=virtio,id=drive0,file={img},format=qcow2",
@@ -336,7 +214,7 @@ SEED_COUNTS = {  # granularity -> (after WRITES_1, after a clear and WRITES_2), 
 
 
 @pytest.mark.parametrize("granularity", sorted(SEED_COUNTS))
-def test_seed_write_batches_per_granularity(granularity: int, twin: Any,
+def test_seed_write_batches_per_granularity(granularity: int, twin: Twin,
                                             seed_drive: Prepare) -> None:
     """Counts of test_small/large_granularity and test_incremental_simple: the first batch,
     then (a backup clears the bitmap) the second batch; a second bitmap keeps both."""
@@ -357,7 +235,7 @@ def test_seed_write_batches_per_granularity(granularity: int, twin: Any,
     twin(seed_drive, scenario)
 
 
-def test_bitmaps_are_listed_newest_first(twin: Any, seed_drive: Prepare) -> None:
+def test_bitmaps_are_listed_newest_first(twin: Twin, seed_drive: Prepare) -> None:
     def names(s: Session) -> list[str]:
         listed = [bm["name"] for bm in s.bitmaps()]
         node = s.entry()["inserted"]["node-name"]
@@ -383,7 +261,7 @@ def test_bitmaps_are_listed_newest_first(twin: Any, seed_drive: Prepare) -> None
     twin(seed_drive, scenario)
 
 
-def test_bitmap_commands_and_their_errors(twin: Any, seed_drive: Prepare) -> None:
+def test_bitmap_commands_and_their_errors(twin: Twin, seed_drive: Prepare) -> None:
     """add / clear / enable / disable / remove / merge (by name and by {node, name}), with
     QEMU 7.2's error texts, and the digests after each change."""
     not_found = ("GenericError", "Dirty bitmap 'nosuch' not found")
@@ -474,7 +352,7 @@ def test_bitmap_commands_and_their_errors(twin: Any, seed_drive: Prepare) -> Non
     twin(seed_drive, scenario)
 
 
-def test_bitmaps_on_two_nodes_and_merge_across(twin: Any, qemu_img: str, qemu_io: str,
+def test_bitmaps_on_two_nodes_and_merge_across(twin: Twin, qemu_img: str, qemu_io: str,
                                                seed_drive: Prepare) -> None:
     """Same bitmap name on two nodes; {node, name} sources from another node merge when the
     sizes agree and fail with QEMU's text when they do not."""
@@ -506,7 +384,7 @@ def test_bitmaps_on_two_nodes_and_merge_across(twin: Any, qemu_img: str, qemu_io
     twin(prepare, scenario)
 
 
-def test_qemu72_sha256_vectors(twin: Any, qemu_img: str, qemu_io: str) -> None:
+def test_qemu72_sha256_vectors(twin: Twin, qemu_img: str, qemu_io: str) -> None:
     """The probe's vector session replayed on both: writes, growth, a write past the old
     end, clear and merges, a shrink and an unaligned growth; counts and digests at every
     step equal QEMU 7.2's recorded ones (helpers.seedsetup.QEMU72_VECTORS)."""
@@ -539,7 +417,7 @@ def test_qemu72_sha256_vectors(twin: Any, qemu_img: str, qemu_io: str) -> None:
     twin(prepare, scenario)
 
 
-def test_block_resize_grows_and_shrinks_bitmaps(twin: Any, seed_drive: Prepare) -> None:
+def test_block_resize_grows_and_shrinks_bitmaps(twin: Twin, seed_drive: Prepare) -> None:
     """test_growing_before_backup's part before the backup, then a shrink and regrowth, and
     block_resize's errors."""
 
@@ -592,7 +470,7 @@ def test_block_resize_grows_and_shrinks_bitmaps(twin: Any, seed_drive: Prepare) 
     twin(seed_drive, scenario)
 
 
-def test_write_zeroes_and_ignored_discard_mark_bitmaps(twin: Any, seed_drive: Prepare) -> None:
+def test_write_zeroes_and_ignored_discard_mark_bitmaps(twin: Twin, seed_drive: Prepare) -> None:
     """``write -z`` marks like a write; with the -drive default discard=ignore a discard is
     reported done but reaches nothing, so it marks nothing and the data stays."""
 
@@ -614,7 +492,7 @@ def test_write_zeroes_and_ignored_discard_mark_bitmaps(twin: Any, seed_drive: Pr
 # ------------------------------------------------------------------------ HMP qemu-io
 
 
-def test_hmp_qemu_io_texts(twin: Any, seed_drive: Prepare) -> None:
+def test_hmp_qemu_io_texts(twin: Twin, seed_drive: Prepare) -> None:
     """The monitor's own texts are replies on both backends; qemu-io's output is compared
     through :meth:`HarnessVM.io` (the documented reply-shape difference)."""
 
@@ -683,7 +561,7 @@ BLKDEBUG_SCRIPTS: dict[str, tuple[str, bool, list[Any], list[Any], bool, list[An
 
 
 @pytest.mark.parametrize("script", sorted(BLKDEBUG_SCRIPTS))
-def test_blkdebug_scripts(script: str, twin: Any, qemu_img: str, qemu_io: str) -> None:
+def test_blkdebug_scripts(script: str, twin: Twin, qemu_img: str, qemu_io: str) -> None:
     """The blkdebug node of spec 3.1 with the scripts of spec 7.3, driven through HMP: a
     flush right after open raises nothing; writes + flush move 1 -> 2; (pause script) the
     device_add geometry read moves 2 -> 3; then the next read of allocated data fails with
@@ -745,7 +623,7 @@ def three_images(qemu_img: str, qemu_io: str, seed_drive: Prepare) -> Prepare:
     return prepare
 
 
-def test_blockdev_add_and_del_errors(twin: Any, three_images: Prepare) -> None:
+def test_blockdev_add_and_del_errors(twin: Twin, three_images: Prepare) -> None:
     def scenario(s: Session) -> None:
         add, delete = "blockdev-add", "blockdev-del"
         blkdebug = {"driver": "blkdebug", "image": _file(s, "drive1.qcow2"),
@@ -809,7 +687,7 @@ def test_blockdev_add_and_del_errors(twin: Any, three_images: Prepare) -> None:
     twin(three_images, scenario)
 
 
-def test_device_add_and_device_del(twin: Any, three_images: Prepare) -> None:
+def test_device_add_and_device_del(twin: Twin, three_images: Prepare) -> None:
     """device_add attaches an anonymous backend (listed with device "" and its qdev path, one
     geometry read); its errors; device_del's first reply (see the module docstring)."""
 
@@ -874,7 +752,7 @@ def test_device_add_and_device_del(twin: Any, three_images: Prepare) -> None:
 # ------------------------------------------------------------------------ quit and images
 
 
-def test_quit_then_images_are_clean_and_equal(twin: Any, seed_drive: Prepare,
+def test_quit_then_images_are_clean_and_equal(twin: Twin, seed_drive: Prepare,
                                               qemu_img: str, tmp_path: Path) -> None:
     """The same writes, zero writes, growth and shrink on both; quit exits 0 after SHUTDOWN;
     then real qemu-img finds both images clean and identical in content."""
@@ -921,7 +799,7 @@ def on_both(bug: str) -> list[Any]:
 
 @pytest.fixture
 def solo(launch: Callable[..., HarnessVM], tmp_path: Path, qemu_img: str,
-         qemu_io: str) -> Callable[[str], HarnessVM]:
+         qemu_io: str) -> Solo:
     """The seed's drive0 on one backend; drive1.qcow2 and img3.qcow2 exist beside it."""
 
     def start(backend: str) -> HarnessVM:
@@ -944,7 +822,7 @@ def _blkdebug_drive1(vm: HarnessVM, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_blockdev_del_of_a_drive_root(backend: str, solo: Any) -> None:
+def test_blockdev_del_of_a_drive_root(backend: str, solo: Solo) -> None:
     """A node with a BlockBackend is "in use" before ownership is even asked about."""
     vm = solo(backend)
     root = vm.ok("query-block")[0]["inserted"]["node-name"]
@@ -953,7 +831,7 @@ def test_blockdev_del_of_a_drive_root(backend: str, solo: Any) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_blockdev_del_of_a_child_node(backend: str, solo: Any, tmp_path: Path) -> None:
+def test_blockdev_del_of_a_child_node(backend: str, solo: Solo, tmp_path: Path) -> None:
     """A node that another node holds is a "Block device" in use (QEMU's refcount check)."""
     vm = solo(backend)
     vm.ok("blockdev-add", node_name="file4", driver="file",
@@ -964,7 +842,7 @@ def test_blockdev_del_of_a_child_node(backend: str, solo: Any, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unknown_child_reference(backend: str, solo: Any) -> None:
+def test_unknown_child_reference(backend: str, solo: Solo) -> None:
     """A child given by reference is looked up as a device and as a node."""
     vm = solo(backend)
     assert vm.qmp("blockdev-add", node_name="nr", driver="qcow2",
@@ -973,21 +851,15 @@ def test_unknown_child_reference(backend: str, solo: Any) -> None:
         "desc": "Cannot find device='nosuch-node-ref' nor node-name='nosuch-node-ref'"}
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "attach_device / device_add (src/bitback/qmp/commands/block.py) answer every driver "
-    "other than virtio-blk with \"Device 'X' is not supported by bitbackd\"; for a name "
-    "that is no device model at all QEMU says \"'X' is not a valid device model name\""))
-def test_device_add_of_an_unknown_model(backend: str, solo: Any) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_add_of_an_unknown_model(backend: str, solo: Solo) -> None:
     vm = solo(backend)
     assert vm.qmp("device_add", id="dx", driver="nosuch-dev")["error"] == {
         "class": "GenericError", "desc": "'nosuch-dev' is not a valid device model name"}
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "HMP qemu-io by node name on a node that a guest device holds writes through it: "
-    "hmp_target (src/bitback/qmp/commands/misc.py) takes the node with no permission check; "
-    "QEMU's temporary BlockBackend needs 'write', which the device does not share"))
-def test_qemu_io_write_by_node_name_under_a_device(backend: str, solo: Any,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qemu_io_write_by_node_name_under_a_device(backend: str, solo: Solo,
                                                    tmp_path: Path) -> None:
     vm = solo(backend)
     vm.ok("blockdev-add", node_name="drive1", driver="qcow2",
@@ -1000,12 +872,8 @@ def test_qemu_io_write_by_node_name_under_a_device(backend: str, solo: Any,
         "child).\r\n")
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "HMP 'qemu-io -d ID' finds a device_add'ed virtio-blk by its id: hmp_target "
-    "(src/bitback/qmp/commands/misc.py) matches BlockBackend.device_id; in QEMU the id names "
-    "the virtio-blk-pci proxy, which has no drive, so the monitor answers 'Error: Device does "
-    "not have a block device backend'"))
-def test_qemu_io_by_qdev_id_of_a_virtio_blk(backend: str, solo: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qemu_io_by_qdev_id_of_a_virtio_blk(backend: str, solo: Solo, tmp_path: Path) -> None:
     vm = solo(backend)
     vm.ok("blockdev-add", node_name="drive1", driver="qcow2",
           file={"driver": "file", "filename": str(tmp_path / "drive1.qcow2")})
@@ -1015,7 +883,7 @@ def test_qemu_io_by_qdev_id_of_a_virtio_blk(backend: str, solo: Any, tmp_path: P
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_write_zeroes_crossing_the_end_marks_nothing(backend: str, solo: Any) -> None:
+def test_write_zeroes_crossing_the_end_marks_nothing(backend: str, solo: Solo) -> None:
     """A request refused for its bounds never reaches the node, so no bitmap is marked."""
     vm = solo(backend)
     vm.ok("block-dirty-bitmap-add", node="drive0", name="fine", granularity=512)
@@ -1027,7 +895,7 @@ def test_write_zeroes_crossing_the_end_marks_nothing(backend: str, solo: Any) ->
     "a bitmap on a protocol (file) node keeps the file's length at creation: "
     "BlockNode._written (src/bitback/block/node.py) never grows the node's bitmaps when a "
     "write extends the file; QEMU's bdrv_co_write_req_finish truncates them to the new end"))
-def test_protocol_node_bitmap_follows_file_growth(backend: str, solo: Any) -> None:
+def test_protocol_node_bitmap_follows_file_growth(backend: str, solo: Solo) -> None:
     vm = solo(backend)
     nodes = vm.ok("query-named-block-nodes")
     protocol = next(n["node-name"] for n in nodes if n["drv"] == "file")
@@ -1046,7 +914,7 @@ def test_protocol_node_bitmap_follows_file_growth(backend: str, solo: Any) -> No
     "named_nodes_info lists drive1's blkdebug node before its file child; QEMU names a "
     "blkdebug node before it opens its image child and lists newest-named first, so the "
     "file child comes first (bitbackd registers every child before its parent)"))
-def test_named_nodes_order_of_a_blkdebug_chain(backend: str, solo: Any,
+def test_named_nodes_order_of_a_blkdebug_chain(backend: str, solo: Solo,
                                                tmp_path: Path) -> None:
     vm = solo(backend)
     _blkdebug_drive1(vm, tmp_path)
@@ -1059,7 +927,7 @@ def test_named_nodes_order_of_a_blkdebug_chain(backend: str, solo: Any,
     "as 'file' and 'image.filename' (and an actual-size); QEMU 7.2 gives a json: pseudo "
     "filename with the flattened blkdebug options and no actual-size "
     "(src/bitback/qmp/commands/block_info.py)"))
-def test_blkdebug_chain_filenames(backend: str, solo: Any, tmp_path: Path) -> None:
+def test_blkdebug_chain_filenames(backend: str, solo: Solo, tmp_path: Path) -> None:
     vm = solo(backend)
     _blkdebug_drive1(vm, tmp_path)
     blkdebug_options = {
@@ -1084,7 +952,7 @@ def test_blkdebug_chain_filenames(backend: str, solo: Any, tmp_path: Path) -> No
 @pytest.mark.parametrize("backend", on_both(
     "persistent bitmaps are not implemented: add_bitmap (src/bitback/block/dirty_bitmaps.py) "
     "refuses persistent=true; QEMU accepts it on a qcow2 node and stores the bitmap at quit"))
-def test_persistent_bitmap(backend: str, solo: Any, qemu_img: str, tmp_path: Path) -> None:
+def test_persistent_bitmap(backend: str, solo: Solo, qemu_img: str, tmp_path: Path) -> None:
     vm = solo(backend)
     assert vm.qmp("block-dirty-bitmap-add", node="drive0", name="p1", persistent=True) == {
         "return": {}}

@@ -46,7 +46,7 @@ from bitback.qmp.errors import QMPError
 from bitback.qmp.protocol import Command
 from bitback.qmp.registry import REGISTRY
 from bitback.qmp.schema import validate_arguments
-from bitback.tools.io.commands import run_captured
+from bitback.tools.io.commands import COMMAND_TABLE, run_captured
 
 __all__ = ["main", "run"]
 
@@ -58,7 +58,15 @@ class StartupError(Exception):
     """A configured object could not be created; the message is the one line to print."""
 
 
-def _run_qemu_io(node: BlockDriver, line: str, discard: bool) -> str:
+def _run_qemu_io(node: BlockDriver, line: str, discard: bool, write_conflict: str | None) -> str:
+    """HMP ``qemu-io``: one line of the shared command table, output captured. A command
+    that needs write permission fails with ``write_conflict`` when one is given (qemu-io
+    asks for the permission before it parses the command's arguments)."""
+    if write_conflict is not None:
+        words = line.split()
+        command = COMMAND_TABLE.find(words[0]) if words else None
+        if command is not None and command.writes:
+            return write_conflict + "\n"
     return run_captured(node, line, discard=discard)[1]
 
 

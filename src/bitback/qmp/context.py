@@ -40,8 +40,9 @@ class QMPContext:
     emit_event: Callable[[str, dict[str, Any], float], None]
     request_quit: Callable[[str], None]
     # The qemu-io command table lives with the tools (above this layer); the daemon hands
-    # it in: (node, command line, discard allowed) -> output text.
-    run_qemu_io: Callable[[BlockDriver, str, bool], str]
+    # it in: (node, command line, discard allowed, refusal for commands that write, if any)
+    # -> output text.
+    run_qemu_io: Callable[[BlockDriver, str, bool, str | None], str]
     jobs: JobRegistry = field(init=False)
     version: Version = field(default_factory=Version)
 

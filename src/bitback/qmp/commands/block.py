@@ -104,8 +104,8 @@ def attach_device(graph: BlockGraph, driver: str, device_id: str | None, drive: 
     scripts count that read (spec 3.9), so it is done here, through the root node.
     """
     if driver not in VIRTIO_BLK_DRIVERS:
-        raise InvalidArgumentError(f"Device '{driver}' is not supported by bitbackd "
-                                   f"(only {', '.join(VIRTIO_BLK_DRIVERS)})")
+        # bitbackd has no other device models (it runs no guest).
+        raise InvalidArgumentError(f"'{driver}' is not a valid device model name")
     if device_id is not None and device_id in _device_ids(graph):
         raise InvalidArgumentError(f"Duplicate device ID '{device_id}'")
     if device_id is None:
@@ -174,10 +174,10 @@ def detach_device(graph: BlockGraph, device_id: str) -> str:
     ),
 )
 async def device_add(ctx: QMPContext, args: dict[str, Any]) -> object:
+    if args["driver"] not in VIRTIO_BLK_DRIVERS:
+        raise InvalidArgumentError(f"'{args['driver']}' is not a valid device model name")
     if "drive" not in args:
-        if args["driver"] in VIRTIO_BLK_DRIVERS:
-            raise InvalidArgumentError("drive property not set")
-        raise InvalidArgumentError(f"Device '{args['driver']}' is not supported by bitbackd")
+        raise InvalidArgumentError("drive property not set")
     await ctx.block(attach_device, ctx.graph, args["driver"], args.get("id"), args["drive"])
     return {}
 

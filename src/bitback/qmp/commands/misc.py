@@ -54,7 +54,9 @@ def hmp_target(graph: BlockGraph, request: QemuIoRequest) -> BlockNode:
     if request.qdev:
         for backend in graph.backends:
             if backend.device_id == request.name and backend.qdev is not None:
-                return backend.root
+                # The id names the virtio-blk-pci proxy, which has no drive of its own:
+                # QEMU 7.2 answers this for every virtio-blk device.
+                raise NotFoundError("Device does not have a block device backend")
         raise NotFoundError(f"Device '{request.name}' not found")
     named = graph.backend(request.name)
     if named is not None:
@@ -77,7 +79,25 @@ def _run_hmp(ctx: QMPContext, line: str) -> str:
         node = hmp_target(graph, request)
     except NotFoundError as exc:
         return f"Error: {exc}\n"
-    return ctx.run_qemu_io(node, request.command, node.discard_unmap)
+    conflict = _write_conflict(graph, request, node)
+    return ctx.run_qemu_io(node, request.command, node.discard_unmap, conflict)
+
+
+def _write_conflict(graph: BlockGraph, request: QemuIoRequest, node: BlockNode) -> str | None:
+    """A node reached by node name while a guest device holds it: QEMU's temporary backend
+    cannot get the write permission the device does not share, so commands that write fail
+    with this text (reads work)."""
+    if request.qdev or graph.backend(request.name) is not None:
+        return None
+    holder = next((b for b in graph.backends_of(node) if b.qdev is not None), None)
+    if holder is None:
+        return None
+    name = node.node_name
+    return (
+        f"Permission conflict on node '{name}': permissions 'write' are both required by an "
+        f"unnamed block device (uses node '{name}' as 'root' child) and unshared by block "
+        f"device '{holder.qdev}' (uses node '{name}' as 'root' child)."
+    )
 
 
 @REGISTRY.command("human-monitor-command", HMP_ARGS)
