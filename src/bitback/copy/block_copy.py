@@ -208,6 +208,10 @@ class BlockCopyState:
         self.on_skip = on_skip
         self.max_chunk = max(cluster_size, MAX_BUFFER // cluster_size * cluster_size)
         self._buf: bytearray | None = None  # one read buffer, allocated on first use
+        # Set by the owner when the target is a new image without a backing file: it reads
+        # as zeros everywhere, and every cluster is written at most once (by the copy), so
+        # zero runs need no write at all.
+        self.target_zeroed = False
 
     # -- the copy set ---------------------------------------------------------------------
     def set_all(self) -> None:
@@ -401,6 +405,8 @@ class BlockCopyState:
                 raise self._write_error(exc, offset + a) from exc
 
     def _write_zeroes(self, lo: int, hi: int) -> None:
+        if self.target_zeroed:
+            return  # a fresh target without backing already reads as zeros there
         try:
             self.target.pwrite_zeroes(lo, hi - lo, may_unmap=True)
         except BitbackError as exc:

@@ -179,9 +179,10 @@ def _plan(
     )
 
 
-def _create_target(source: BlockNode, path: str, fmt: str, sync: str) -> None:
+def _create_target(source: BlockNode, path: str, fmt: str, sync: str) -> bool:
     """``mode=absolute-paths``: a new image of the source's size; its backing is the
-    source's backing file for ``top``, the source itself for ``none``, else nothing."""
+    source's backing file for ``top``, the source itself for ``none``, else nothing.
+    Returns whether the new image reads as zeros everywhere (no backing file)."""
     size = source.length()
     backing_file = backing_fmt = None
     if sync == "top" and isinstance(source.backing, BlockNode):
@@ -198,6 +199,7 @@ def _create_target(source: BlockNode, path: str, fmt: str, sync: str) -> None:
         raise NotFoundError(
             f"Could not create '{path}': {os.strerror(exc.errno or 0)}", path=path
         ) from exc
+    return backing_file is None
 
 
 def plan_drive_backup(graph: BlockGraph, registry: JobRegistry, args: dict[str, Any]) -> BackupPlan:
@@ -217,9 +219,10 @@ def plan_drive_backup(graph: BlockGraph, registry: JobRegistry, args: dict[str, 
         fmt = source.drv
     if fmt not in (None, "qcow2", "raw"):
         raise InvalidArgumentError(f"Unknown driver '{fmt}'")
+    fresh = False
     if mode == "absolute-paths":
         assert fmt is not None
-        _create_target(source, path, fmt, sync)
+        fresh = _create_target(source, path, fmt, sync)
     opts: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
     if fmt is None:
         from bitback.block.drivers.file import FileDriver
@@ -235,10 +238,12 @@ def plan_drive_backup(graph: BlockGraph, registry: JobRegistry, args: dict[str, 
         return graph.release_node(target)
 
     try:
-        return _plan(graph, registry, source, target, args, job_id, release_target)
+        plan = _plan(graph, registry, source, target, args, job_id, release_target)
     except BaseException:
         graph.release_node(target)
         raise
+    plan.setup.bcs.target_zeroed = fresh
+    return plan
 
 
 def plan_blockdev_backup(
