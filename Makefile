@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 .PHONY: help venv qemu demo test lint typecheck pytest bench clean distclean
 
 help:
-	@echo "make demo       create, write, overlay, convert, check and compare images with bitback"
+	@echo "make demo       image tools tour, then a live full + incremental backup with bitbackd"
 	@echo "make test       ruff + mypy + the pytest suite (installs QEMU 7.2 tools if root)"
 	@echo "make lint       ruff check src tests bench"
 	@echo "make typecheck  mypy (strict, configured in pyproject.toml)"
@@ -34,6 +34,7 @@ qemu:
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/backup_demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
