@@ -891,10 +891,7 @@ def test_write_zeroes_crossing_the_end_marks_nothing(backend: str, solo: Solo) -
     assert vm.bitmap_info("drive0", "fine")["count"] == 0
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "a bitmap on a protocol (file) node keeps the file's length at creation: "
-    "BlockNode._written (src/bitback/block/node.py) never grows the node's bitmaps when a "
-    "write extends the file; QEMU's bdrv_co_write_req_finish truncates them to the new end"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_protocol_node_bitmap_follows_file_growth(backend: str, solo: Solo) -> None:
     vm = solo(backend)
     nodes = vm.ok("query-named-block-nodes")

@@ -96,6 +96,13 @@ class BlockNode(BlockDriver):
     # -- writes ---------------------------------------------------------------------------
     def _written(self, offset: int, length: int) -> None:
         self.write_gen += 1
+        if length and self.grows_on_write:
+            # A protocol node grown by this write takes its bitmaps along, to the end rounded
+            # up to a sector, as QEMU's bdrv_co_write_req_finish does.
+            end = -(-(offset + length) // 512) * 512
+            for bitmap in self.bitmaps:
+                if bitmap.size < end:
+                    bitmap.resize(end)
         if length:
             for bitmap in self.bitmaps:
                 bitmap.mark(offset, length)
