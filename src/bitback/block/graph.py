@@ -213,6 +213,7 @@ class BlockGraph:
         else:
             raise InvalidArgumentError(f"Driver '{driver}' is not supported by bitbackd")
         node = self._register(drv, name)
+        node.discard_unmap = opts.get("discard") == "unmap"
         created.append(node)
         return node
 

@@ -145,7 +145,6 @@ class Daemon:
         try:
             opts = validate_arguments(BLOCKDEV_OPTIONS, _drive_options(spec), keyval=True)
             node = self.graph.add_blockdev(opts, monitor_owned=False)
-            node.discard_unmap = spec.discard == "unmap"
             self.graph.add_backend(BlockBackend(spec.id, node, options=dict(spec.options)))
         except (BitbackError, QMPError) as exc:
             raise StartupError(f"{spec.origin}: {_text(exc)}") from exc

@@ -25,9 +25,7 @@ def open_blockdev(graph: BlockGraph, opts: dict[str, Any]) -> BlockNode:
     """blockdev-add: the root must be named; ``discard=unmap`` lets discards through."""
     if "node-name" not in opts:
         raise InvalidArgumentError("'node-name' must be specified for the root node")
-    node = graph.add_blockdev(opts)
-    node.discard_unmap = opts.get("discard") == "unmap"
-    return node
+    return graph.add_blockdev(opts)
 
 
 @REGISTRY.command("blockdev-add", BLOCKDEV_OPTIONS, precheck=refuse_unsupported_driver)
