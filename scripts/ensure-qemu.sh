@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure QEMU's reference tools (qemu-img, qemu-io, qemu-system-x86_64) are installed.
+# Make sure QEMU's reference tools (qemu-img, qemu-io, qemu-nbd, qemu-system-x86_64,
+# qemu-storage-daemon) and libnbd's nbdinfo (reads qemu-nbd's dirty-bitmap export) are installed.
 #
 # The test suite checks bitback against QEMU 7.2 (Debian 12's qemu-utils, qemu-system-x86).
 #   - all present: print their versions, exit 0.
@@ -9,8 +10,9 @@
 # QEMU_IMG / QEMU_IO / QEMU_SYSTEM name other binaries, as the test fixtures accept.
 set -euo pipefail
 
-packages=(qemu-utils qemu-system-x86)
-tools=("${QEMU_IMG:-qemu-img}" "${QEMU_IO:-qemu-io}" "${QEMU_SYSTEM:-qemu-system-x86_64}")
+packages=(qemu-utils qemu-system-x86 libnbd-bin)
+tools=("${QEMU_IMG:-qemu-img}" "${QEMU_IO:-qemu-io}" "${QEMU_SYSTEM:-qemu-system-x86_64}"
+       qemu-nbd qemu-storage-daemon nbdinfo)
 
 case "${CI:-}" in
     true | TRUE | True | 1 | yes) ci=true ;;
@@ -59,8 +61,8 @@ fi
 for t in "${tools[@]}"; do
     version=$("$t" --version 2>/dev/null | head -n 1 || true)
     say "$(command -v "$t"): ${version:-version unknown}"
-    case "$version" in
-        *" 7.2"*) ;;
+    case "$t:$version" in
+        *" 7.2"* | nbdinfo:*) ;;
         *) say "warning: $t is not QEMU 7.2; the tests pin QEMU 7.2 behaviour" ;;
     esac
 done

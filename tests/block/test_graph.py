@@ -697,12 +697,31 @@ def test_granularity_is_checked_before_the_name(graph: BlockGraph) -> None:
         add_bitmap(node, "b", granularity=1000)
 
 
-def test_persistent_bitmaps_are_refused(graph: BlockGraph, img: Path) -> None:
-    """Persistence is not implemented: the add is refused (rather than losing the bitmap at
-    shutdown) and adds nothing."""
+def test_persistent_bitmaps_outlive_the_node(graph: BlockGraph, img: Path) -> None:
+    """A persistent bitmap is stored when its node closes and comes back, bits and all, with
+    the next open; while the node is open the image says it is in use."""
     node = graph.add_blockdev(qcow2_opts(img))
-    with pytest.raises(UnsupportedFeatureError, match="persistent"):
-        add_bitmap(node, "p", persistent=True, label="drive0")
+    bitmap = add_bitmap(node, "p", persistent=True, granularity=128 * 1024, label="drive0")
+    add_bitmap(node, "off", persistent=True, disabled=True)
+    node.pwrite(3 << 20, b"x" * 4096)
+    expected = bitmap.bits.copy()
+    graph.delete_blockdev("n")
+    node = graph.add_blockdev(qcow2_opts(img))
+    loaded = node.bitmap("p")
+    assert loaded is not None and loaded.persistent and not loaded.inconsistent
+    assert loaded.granularity == 128 * 1024 and loaded.bits == expected
+    off = node.bitmap("off")
+    assert off is not None and not off.enabled and off.count() == 0
+    store = node.driver.persistent  # type: ignore[attr-defined]
+    assert all(e.in_use for e in store.entries)
+
+
+def test_persistent_bitmaps_need_qcow2(graph: BlockGraph, img: Path) -> None:
+    """Only a qcow2 node can store bitmaps: QEMU's text for the others, nothing added."""
+    node = graph.add_blockdev({"node-name": "f", "driver": "file", "filename": str(img)})
+    with pytest.raises(UnsupportedFeatureError) as info:
+        add_bitmap(node, "p", persistent=True, label="f")
+    assert str(info.value) == "Can't store persistent bitmaps to f: Operation not supported"
     assert node.bitmaps == []
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "check_removable",
     "clear_bitmap",
     "find_bitmap",
+    "forget_stored_bitmap",
     "merge_bitmaps",
     "remove_bitmap",
     "set_bitmap_enabled",
@@ -64,17 +65,19 @@ def add_bitmap(
     else:
         check_granularity(granularity)
     if persistent:
-        # Storing bitmaps in qcow2 is not implemented yet; accepting the flag would lose the
-        # bitmap at shutdown while promising to keep it.
-        raise UnsupportedFeatureError(
-            f"Can't make bitmap '{name}' persistent in '{label or node.node_name}': "
-            "persistent bitmaps are not supported by bitbackd yet"
-        )
+        store = getattr(node.driver, "persistent", None)
+        if store is None:
+            raise UnsupportedFeatureError(
+                f"Can't store persistent bitmaps to {label or node.node_name}: "
+                "Operation not supported"
+            )
+        store.check_new(name, granularity, label or node.node_name)
     if node.bitmap(name) is not None:
         raise InvalidArgumentError(f"Bitmap already exists: {name}")
     if len(name.encode()) > MAX_BITMAP_NAME:
         raise InvalidArgumentError(f"Bitmap name too long: {name}")
-    bitmap = DirtyBitmap(node.length(), granularity, name, enabled=not disabled)
+    bitmap = DirtyBitmap(node.length(), granularity, name, enabled=not disabled,
+                         persistent=persistent)
     node.bitmaps.insert(0, bitmap)
     return bitmap
 
@@ -87,9 +90,26 @@ def check_removable(bitmap: DirtyBitmap) -> None:
 
 
 def remove_bitmap(node: BlockNode, bitmap: DirtyBitmap) -> None:
-    """Drop ``bitmap`` from ``node`` (after :func:`check_removable`)."""
+    """Drop ``bitmap`` from ``node`` (after :func:`check_removable`).
+
+    A persistent bitmap leaves the image at once, as in QEMU: a transaction that aborts
+    afterwards puts the bitmap back in memory, and closing the image stores it again.
+    """
     check_removable(bitmap)
+    forget_stored_bitmap(node, bitmap)
     node.bitmaps.remove(bitmap)
+
+
+def forget_stored_bitmap(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    """Take a persistent bitmap out of its image now (the in-memory one is untouched).
+
+    If the bitmap stays in memory after all (an aborted transaction), it is still
+    persistent, so closing the image stores it again.
+    """
+    if bitmap.persistent and bitmap.name is not None:
+        store = getattr(node.driver, "persistent", None)
+        if store is not None:
+            store.remove(bitmap.name)
 
 
 def clear_bitmap(bitmap: DirtyBitmap) -> GranuleBits:

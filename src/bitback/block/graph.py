@@ -244,6 +244,11 @@ class BlockGraph:
                     "through this node; run 'bitback-img check -r all' on it first"
                 )
             qcow2 = Qcow2Driver(file, read_only=read_only)
+            try:
+                qcow2.persistent.bitmaps  # noqa: B018 - load now, so a bad bitmap fails the open
+            except BaseException:
+                qcow2.close()
+                raise
         except BaseException:
             file.close()
             raise

@@ -6,7 +6,8 @@ to all of them and what the daemon needs to address it:
 * a **node name** (``#block123`` when QEMU would invent one);
 * **dirty bitmaps**: every write, write-zeroes and discard that reaches this node marks every
   enabled bitmap attached to it, after the request and whether or not it failed (QEMU's
-  ``bdrv_co_write_req_finish`` is conservative the same way);
+  ``bdrv_co_write_req_finish`` is conservative the same way); a qcow2 image's persistent
+  bitmaps are attached when the node is made, and stored by the image when it closes;
 * the **write generation**: ``flush`` raises blkdebug's ``flush_to_disk`` event and flushes
   the driver only when something was written since the last flush, so a flush right after
   open is silent (spec 7.2);
@@ -58,6 +59,13 @@ class BlockNode(BlockDriver):
         # the driver: copy-before-write saves the old data there. A hook that raises fails
         # the write (nothing is written, nothing is marked).
         self.before_write: list[Callable[[int, int], None]] = []
+        # Bitmaps stored in the image (qcow2) become this node's: the node marks them like
+        # any other, and hands its current list back when the image stores them at close.
+        store = getattr(driver, "persistent", None)
+        if store is not None:
+            self.bitmaps = list(store.bitmaps)
+            store.track_writes = False
+            store.source = lambda: self.bitmaps
 
     @property
     def backing(self) -> BlockDriver | None:

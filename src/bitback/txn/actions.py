@@ -33,6 +33,7 @@ from bitback.block.dirty_bitmaps import (
     check_removable,
     clear_bitmap,
     find_bitmap,
+    forget_stored_bitmap,
     merge_bitmaps,
     remove_bitmap,
     set_bitmap_enabled,
@@ -109,6 +110,7 @@ async def _bitmap_remove(env: ActionEnv, txn: Transaction, data: dict[str, Any])
     def run() -> None:
         node, bitmap = find_bitmap(env.graph, data["node"], data["name"])
         check_removable(bitmap)
+        forget_stored_bitmap(node, bitmap)  # as QEMU: off the disk in prepare; see there
         bitmap.busy = True  # later actions of this transaction must not use it
         held.append((node, bitmap))
 

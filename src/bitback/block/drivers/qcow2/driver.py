@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from bitback.block.driver import BlockDriver, Extent, fill_zero
 from bitback.block.drivers.qcow2 import compress
+from bitback.block.drivers.qcow2.bitmap_store import PersistentBitmaps
 from bitback.block.drivers.qcow2.create import l1_entries_for
 from bitback.block.drivers.qcow2.refcounts import RefcountTable
 from bitback.block.drivers.qcow2.tables import L2Cache
@@ -43,8 +44,10 @@ from bitback.formats.qcow2.entries import (
     compressed_extent,
 )
 from bitback.formats.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
     EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     Header,
     decode_header,
@@ -102,6 +105,10 @@ class Qcow2Driver(BlockDriver):
         )
         self._zero_flag = header.version >= 3
         self._modified = False
+        # Persistent bitmaps: read-write opens mark them in use before anything changes.
+        self.persistent = PersistentBitmaps(self)
+        if not self.read_only:
+            self.persistent.mark_in_use()
         self._unflushed = False
         self._meta: U64Array | None = None  # sorted metadata clusters, for overlap checks
         self._compress_next = 0
@@ -301,10 +308,17 @@ class Qcow2Driver(BlockDriver):
         if self._modified:
             return
         self._modified = True
-        # Autoclear features we do not maintain (persistent bitmaps, for now) must be
-        # cleared before the image changes, so readers know the extra data is stale.
-        if self.header.autoclear_features:
-            self._write_header(replace(self.header, autoclear_features=0))
+        # Autoclear features we do not maintain must be cleared before the image changes,
+        # so readers know their extra data is stale. The bitmaps bit stays when the bitmaps
+        # were loaded (they are kept up to date); a stale extension goes with its bit.
+        keep = AUTOCLEAR_BITMAPS if self.persistent.ext is not None else 0
+        if self.header.autoclear_features & ~keep or self.persistent.stale_extension:
+            header = replace(self.header, autoclear_features=self.header.autoclear_features
+                             & keep)
+            if self.persistent.stale_extension:
+                header = header.with_extension(EXT_BITMAPS, None)
+                self.persistent.stale_extension = False
+            self._write_header(header)
             self._barrier()
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -312,6 +326,7 @@ class Qcow2Driver(BlockDriver):
         self.check_request(offset, len(view), write=True)
         if not len(view):
             return
+        self.persistent.mark(offset, len(view))
         self._begin_modify()
         end = offset + len(view)
         for l1_index, first, count in self._slices(offset, len(view)):
@@ -425,6 +440,10 @@ class Qcow2Driver(BlockDriver):
         self.check_request(offset, length, write=True)
         if not length:
             return
+        self.persistent.mark(offset, length)
+        self._write_zeroes(offset, length, may_unmap)
+
+    def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         if not self._zero_flag:  # version 2 has no zero flag: write zeroes
             super().pwrite_zeroes(offset, length, may_unmap=may_unmap)
             return
@@ -488,6 +507,7 @@ class Qcow2Driver(BlockDriver):
     def discard(self, offset: int, length: int) -> None:
         """Deallocate whole clusters; partial clusters are ignored (as QEMU does)."""
         self.check_request(offset, length, write=True)
+        self.persistent.mark(offset, length)
         if self.header.version < 3 and self.backing is not None:
             return  # no zero flag: discarding would expose the backing file
         a, b = self._whole_clusters(offset, offset + length)
@@ -547,6 +567,7 @@ class Qcow2Driver(BlockDriver):
         if offset % self.cs or (len(view) != self.cs and offset + len(view) != self.header.size):
             raise InvalidArgumentError("compressed writes must cover one whole cluster")
         self.check_request(offset, len(view), write=True)
+        self.persistent.mark(offset, len(view))
         payload = bytes(view) + bytes(self.cs - len(view))
         packed = compress.compress(payload, self.header.compression_type)
         if len(packed) >= self.cs - 512:
@@ -632,6 +653,7 @@ class Qcow2Driver(BlockDriver):
             return
         if self.header.version < 3 and self.header.nb_snapshots:
             raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+        self.persistent.check_resize()
         backing = self.backing
         if (
             size > -(-old // self.cs) * self.cs
@@ -652,7 +674,8 @@ class Qcow2Driver(BlockDriver):
             self._write_header(replace(self.header, size=size))
             self._barrier()
             if backing is not None and backing.length() > old:
-                self.pwrite_zeroes(old, size - old)
+                # Hiding the backing file is not a guest write: bitmaps stay clean there.
+                self._write_zeroes(old, size - old, False)
         else:
             cut = -(-size // self.cs) * self.cs
             if cut < old:
@@ -660,6 +683,7 @@ class Qcow2Driver(BlockDriver):
                 self._drop_l2_tables(l1_entries_for(size, self.cb))
             self.flush_metadata()
             self._write_header(replace(self.header, size=size))
+        self.persistent.resized(size)
         self.flush()
 
     def _drop_l2_tables(self, keep: int) -> None:
@@ -783,7 +807,10 @@ class Qcow2Driver(BlockDriver):
             return
         try:
             if not self.read_only:
-                self.flush()
+                try:
+                    self.persistent.store()
+                finally:
+                    self.flush()
         finally:
             super().close()
             self.file.close()
