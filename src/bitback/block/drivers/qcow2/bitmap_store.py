@@ -192,8 +192,7 @@ class PersistentBitmaps:
         prefix = f"Can't make bitmap '{name}' persistent in '{label}': "
         current = self.current()
         try:
-            if any(b.name == name for b in current):
-                raise InvalidArgumentError(f"Bitmap already exists: {name}")
+            # A duplicate name is refused later, without this prefix (QEMU 7.2's order).
             if self.drv.header.version < 3:
                 raise UnsupportedFeatureError("Cannot store dirty bitmaps in qcow2 v2 files")
             check_new_bitmap(name, granularity, disk_size=self.drv.header.size,
