@@ -1,8 +1,11 @@
 """Incremental backup scenarios, each run on bitbackd and on real QEMU 7.2.
 
 The stories are iotest 124's (spec section 10) plus bitmap-mode, cancel and quit. Every one is
-told the same way: build the disk with real ``qemu-io``, start the process under test with the
-harness command line of spec section 1, drive it over QMP and HMP ``qemu-io``, and check
+told the same way: build the disk offline with the other backend's tool set (real
+``qemu-img``/``qemu-io`` for bitbackd, ``bitback-img``/``bitback-io`` for QEMU), create the
+backup targets with both tool sets in turn (:class:`MixedTools`), start the process under test
+with the harness command line of spec section 1 (the ``qemu.qmp`` client), drive it over QMP
+and HMP ``qemu-io``, and check
 
 * each reply (and each error class);
 * each job's events, in order (:data:`helpers.backup.SUCCESS` and friends, spec 4.2), that
@@ -24,6 +27,7 @@ reason names the fault.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,7 +49,7 @@ from helpers.backup import (
     trace,
     verify_chains,
 )
-from helpers.imagetools import info_json
+from helpers.imagetools import create, info_json
 from helpers.procs import run
 from helpers.seedsetup import WRITES_1, WRITES_2, make_seed_image
 from helpers.vm import BACKENDS, drive_args
@@ -83,9 +87,35 @@ def backends(bug: str | None = None) -> list[Any]:
 # ------------------------------------------------------------------------------ fixtures
 
 
+class MixedTools(Tools):
+    """Image steps taken in turn by real ``qemu-img`` and by ``bitback-img``, so that every
+    scenario has each tool set create targets the other one (and both backends) then use.
+    Comparisons and checks still run with both (:class:`Tools`)."""
+
+    _turn: Iterator[int]
+
+    def __init__(self, qemu_img: str, bitback_img: list[str], first: int) -> None:
+        super().__init__(qemu_img, bitback_img)
+        object.__setattr__(self, "_turn", itertools.count(first))
+
+    def image_tool(self) -> list[str]:
+        """The tool set for the next image step."""
+        return [self.qemu_img] if next(self._turn) % 2 == 0 else list(self.bitback_img)
+
+    def create(self, path: Path, size: str | int = "64M", **options: Any) -> Path:
+        create(self.image_tool(), path, size, **options)
+        return path
+
+
+def _backend_of(request: pytest.FixtureRequest) -> str:
+    callspec = getattr(request.node, "callspec", None)
+    return str(callspec.params.get("backend", "bitback")) if callspec else "bitback"
+
+
 @pytest.fixture
-def tools(qemu_img: str, bitback_img: list[str]) -> Tools:
-    return Tools(qemu_img, bitback_img)
+def tools(request: pytest.FixtureRequest, qemu_img: str, bitback_img: list[str]) -> Tools:
+    """bitbackd's scenarios start with bitback-img, QEMU's with qemu-img."""
+    return MixedTools(qemu_img, bitback_img, first=1 if _backend_of(request) == "bitback" else 0)
 
 
 @pytest.fixture
@@ -105,8 +135,12 @@ def launch(qemu_system: str) -> Iterator[Callable[..., BackupVM]]:
 
 
 @pytest.fixture
-def disk(tmp_path: Path, qemu_img: str, qemu_io: str) -> Path:
-    """The seed's drive0: 64M, 0x41 at 0, 0xd5 at 1M, 0xdc at 32M, written offline."""
+def disk(request: pytest.FixtureRequest, tmp_path: Path, qemu_img: str, qemu_io: str,
+         bitback_img: list[str], bitback_io: list[str]) -> Path:
+    """The seed's drive0: 64M, 0x41 at 0, 0xd5 at 1M, 0xdc at 32M, written offline by the
+    *other* tool set: QEMU's for bitbackd, bitback's for QEMU."""
+    if _backend_of(request) == "qemu":
+        return make_seed_image(bitback_img, bitback_io, tmp_path / "drive0.qcow2")
     return make_seed_image([qemu_img], [qemu_io], tmp_path / "drive0.qcow2")
 
 
@@ -248,7 +282,8 @@ def test_larger_cluster_target(backend: str, disk: Path, tools: Tools,
     vm.full_backup("drive0", chain.reference())
 
     # The rebase runs while the process is up: the job must have let go of the target.
-    run([tools.qemu_img, "rebase", "-f", "qcow2", "-u", "-b", str(anchor), "-F", "qcow2",
+    rebase_tool = tools.image_tool() if isinstance(tools, MixedTools) else [tools.qemu_img]
+    run([*rebase_tool, "rebase", "-f", "qcow2", "-u", "-b", str(anchor), "-F", "qcow2",
          str(target)], check=True)
     info = info_json([tools.qemu_img], target)
     assert (info["cluster-size"], info["backing-filename"]) == (131072, str(anchor))
