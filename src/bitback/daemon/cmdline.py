@@ -36,12 +36,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-
-from bitback.errors import InvalidArgumentError
 
 from . import qemuopts as qo
+from .drive_options import check_format_options, parse_device, parse_drive
 from .qemuopts import JsonValue, OptionError
+from .specs import (
+    BlockdevSpec,
+    CacheOptions,
+    ChardevSocket,
+    CommandLineError,
+    DaemonConfig,
+    DeviceSpec,
+    DriveSpec,
+    MonitorSpec,
+    words,
+)
 
 __all__ = [
     "HELP_TEXT",
@@ -56,124 +65,6 @@ __all__ = [
     "check_format_options",
     "parse_args",
 ]
-
-
-class CommandLineError(InvalidArgumentError):
-    """A command line bitbackd refuses. ``message`` is ``"<location>: <reason>"``, one line.
-
-    ``location`` is the option as typed (``-drive if=scsi,file=x``), or ``None`` for errors that
-    QEMU reports without one (``unrecognized option '--bogus'``).
-    """
-
-    def __init__(self, reason: str, *, location: str | None = None) -> None:
-        super().__init__(f"{location}: {reason}" if location else reason)
-        self.reason = reason
-        self.location = location
-
-
-@dataclass(frozen=True, slots=True)
-class ChardevSocket:
-    """A UNIX socket chardev. ``server``: listen (else connect to ``path``); ``wait``: a
-    listening socket blocks startup until its first client connects (QEMU's default)."""
-
-    id: str
-    path: str
-    server: bool
-    wait: bool
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class MonitorSpec:
-    """A QMP monitor on chardev ``chardev``; ``pretty`` indents replies."""
-
-    chardev: str
-    pretty: bool
-    id: str | None
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class CacheOptions:
-    """``cache.*`` after folding ``cache=MODE`` in (explicit ``cache.X`` keys win)."""
-
-    direct: bool = False
-    no_flush: bool = False
-    writeback: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class DriveSpec:
-    """One ``-drive``: a named BlockBackend ``id`` over a format node on ``file``.
-
-    ``interface`` is ``"virtio"`` (a guest device is attached implicitly: see
-    :attr:`DeviceSpec.implicit`) or ``"none"``. ``file`` is ``None`` for an empty drive and
-    ``format`` ``None`` when the image must be probed; then :func:`check_format_options` must
-    be called on ``format_options`` once the format is known. ``format_options`` holds the keys
-    for the format and protocol drivers (``lazy-refcounts``, ``file.locking``...), as strings;
-    ``options`` every key as given (last one wins).
-    """
-
-    id: str
-    interface: str
-    file: str | None
-    format: str | None
-    node_name: str | None
-    read_only: bool
-    auto_read_only: bool
-    force_share: bool
-    cache: CacheOptions
-    aio: str
-    discard: str
-    detect_zeroes: str
-    werror: str
-    rerror: str
-    format_options: Mapping[str, str]
-    options: Mapping[str, str]
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class BlockdevSpec:
-    """One ``-blockdev``: ``options`` has the shape of QMP ``blockdev-add`` arguments.
-
-    With ``keyval`` every leaf is a string and the consumer converts while validating, as
-    QEMU's keyval visitor does (``"65536"`` for an int, ``"on"`` for a bool)."""
-
-    options: dict[str, JsonValue]
-    keyval: bool
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceSpec:
-    """A virtio-blk guest device on ``drive`` (a drive id or a ``-blockdev`` node-name).
-
-    ``driver`` is QEMU's canonical type name. ``implicit`` devices come from ``if=virtio``
-    drives; they follow the explicit ones, as in QEMU. ``properties`` are recorded only."""
-
-    driver: str
-    drive: str
-    id: str | None
-    properties: Mapping[str, str]
-    implicit: bool
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonConfig:
-    """Everything the command line asked for, checked for consistency but not yet acted on."""
-
-    chardevs: tuple[ChardevSocket, ...] = ()
-    monitors: tuple[MonitorSpec, ...] = ()
-    drives: tuple[DriveSpec, ...] = ()
-    blockdevs: tuple[BlockdevSpec, ...] = ()
-    devices: tuple[DeviceSpec, ...] = ()
-    pidfile: str | None = None
-    ignored: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    show_help: bool = False
-    show_version: bool = False
 
 
 HELP_TEXT = """\
@@ -212,18 +103,14 @@ Accepted and ignored, because bitbackd runs no guest:
 # Pass 1: option names and arguments
 
 
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-_IGNORED_FLAGS = _words("nodefaults no-user-config S nographic enable-kvm")
-_IGNORED_ARGS = _words("display vga accel machine M m smp cpu name serial")
-_REFUSED_FLAGS = _words("daemonize")  # qemu-storage-daemon options bitbackd lacks
-_REFUSED_ARGS = _words("export nbd-server object trace T")
+_IGNORED_FLAGS = words("nodefaults no-user-config S nographic enable-kvm")
+_IGNORED_ARGS = words("display vga accel machine M m smp cpu name serial")
+_REFUSED_FLAGS = words("daemonize")  # qemu-storage-daemon options bitbackd lacks
+_REFUSED_ARGS = words("export nbd-server object trace T")
 _REFUSED = _REFUSED_FLAGS | _REFUSED_ARGS
-_FLAGS = _IGNORED_FLAGS | _REFUSED_FLAGS | _words("h help V version")
+_FLAGS = _IGNORED_FLAGS | _REFUSED_FLAGS | words("h help V version")
 _WITH_ARG = _IGNORED_ARGS | _REFUSED_ARGS
-_WITH_ARG |= _words("chardev mon monitor qmp qmp-pretty drive blockdev device pidfile")
+_WITH_ARG |= words("chardev mon monitor qmp qmp-pretty drive blockdev device pidfile")
 
 
 def _split_argv(argv: list[str]) -> list[tuple[str, str, str]]:
@@ -275,13 +162,13 @@ def _split_argv(argv: list[str]) -> list[tuple[str, str, str]]:
 # Pass 2: option values
 
 _CHARDEV_DESC: dict[str, qo.OptType] = {
-    **dict.fromkeys(_words("backend path host port fd localaddr localport tls-creds"), "str"),
-    **dict.fromkeys(_words("tls-authz name size chardev logfile"), "str"),
-    **dict.fromkeys(_words("to reconnect width height cols rows debug"), "number"),
-    **dict.fromkeys(_words("ipv4 ipv6 wait server delay nodelay telnet tn3270 websocket"), "bool"),
-    **dict.fromkeys(_words("mux signal append logappend mouse clipboard tight abstract"), "bool"),
+    **dict.fromkeys(words("backend path host port fd localaddr localport tls-creds"), "str"),
+    **dict.fromkeys(words("tls-authz name size chardev logfile"), "str"),
+    **dict.fromkeys(words("to reconnect width height cols rows debug"), "number"),
+    **dict.fromkeys(words("ipv4 ipv6 wait server delay nodelay telnet tn3270 websocket"), "bool"),
+    **dict.fromkeys(words("mux signal append logappend mouse clipboard tight abstract"), "bool"),
 }
-_QEMU_CHAR_BACKENDS = _words(
+_QEMU_CHAR_BACKENDS = words(
     "pty udp memory file stdio ringbuf null parallel pipe mux serial vc tty parport "
     "spicevmc spiceport braille msmouse wctablet testdev qemu-vdagent dbus"
 )
@@ -389,7 +276,7 @@ class _Builder:
 
     def drive(self, text: str, loc: str) -> None:
         drive_id = self.claim_id(text, "drive")
-        self.drives.append(_drive(drive_id, self.opts(text, loc), loc))
+        self.drives.append(parse_drive(drive_id, self.opts(text, loc), loc))
 
     def blockdev(self, text: str, loc: str) -> None:
         tree, keyval = qo.parse_dict_option(text, "driver")
@@ -397,7 +284,7 @@ class _Builder:
 
     def device(self, text: str, loc: str) -> None:
         device_id = self.claim_id(text, "device")
-        self.devices.append(_device(device_id, self.opts(text, loc, "driver"), loc))
+        self.devices.append(parse_device(device_id, self.opts(text, loc, "driver"), loc))
 
 
 def _socket_chardev(chardev_id: str | None, opts: dict[str, str], loc: str) -> ChardevSocket:
@@ -453,172 +340,6 @@ def _visit_monitor(tree: dict[str, JsonValue], keyval: bool) -> dict[str, JsonVa
         if name not in got:
             raise OptionError(f"Parameter '{name}' is unexpected")
     return got
-
-
-_IF_NAMES = _words("ide scsi floppy pflash mtd sd virtio xen none")
-_QEMU_FORMATS = _words(
-    "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write "
-    "copy-on-read dmg file ftp ftps gluster host_cdrom host_device http https iscsi iser luks "
-    "nbd nfs null-aio null-co nvme parallels preallocate qcow qed quorum rbd replication "
-    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat"
-)
-_DRIVE_KEYS = _words(
-    "if index bus unit file format driver node-name read-only auto-read-only force-share cache "
-    "cache.direct cache.no-flush cache.writeback aio discard detect-zeroes werror rerror"
-)
-_DRIVE_REFUSED = ("media", "snapshot", "copy-on-read", "group", "throttling.", "bps", "iops")
-_DRIVE_BOOLS = "read-only auto-read-only force-share cache.direct cache.no-flush cache.writeback"
-_CACHE_MODES = {  # cache=MODE -> (direct, no-flush, writeback), as bdrv_parse_cache_mode
-    "none": (True, False, True),
-    "off": (True, False, True),
-    "directsync": (True, False, False),
-    "writeback": (False, False, True),
-    "unsafe": (False, True, True),
-    "writethrough": (False, False, False),
-}
-_DISCARD = {"off": "ignore", "ignore": "ignore", "on": "unmap", "unmap": "unmap"}
-_FORMAT_OPTIONS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {  # names, prefixes
-    "qcow2": (
-        _words(
-            "lazy-refcounts pass-discard-request pass-discard-snapshot pass-discard-other "
-            "overlap-check cache-size l2-cache-size l2-cache-entry-size refcount-cache-size "
-            "cache-clean-interval data-file backing"
-        ),
-        ("overlap-check.", "encrypt.", "file.", "backing.", "data-file."),
-    ),
-    "raw": (frozenset({"offset", "size"}), ("file.",)),
-}
-
-
-def _format_option_error(fmt: str, options: Mapping[str, str]) -> OptionError | None:
-    names, prefixes = _FORMAT_OPTIONS.get(fmt, (frozenset(), ()))
-    for key in options:
-        if key not in names and not key.startswith(prefixes):
-            return OptionError(f"Block format '{fmt}' does not support the option '{key}'")
-    return None
-
-
-def check_format_options(drive: DriveSpec, fmt: str) -> None:
-    """Refuse ``drive.format_options`` that format ``fmt`` does not take (QEMU's text).
-
-    :func:`parse_args` does this itself when ``format=`` is given; a caller that probed the
-    format of a drive without one calls it with the probed name.
-    """
-    err = _format_option_error(fmt, drive.format_options)
-    if err is not None:
-        raise CommandLineError(err.message, location=drive.origin) from err
-
-
-def _c_int(number: int) -> int:
-    """A uint64 option value stored into a C ``int``, as blockdev.c does with index/bus/unit."""
-    number &= 0xFFFFFFFF
-    return number - 2**32 if number >= 2**31 else number
-
-
-def _drive(
-    drive_id: str | None, opts: dict[str, str], loc: str
-) -> tuple[DriveSpec, dict[str, int]]:
-    """Check one ``-drive``'s options; the id of an anonymous drive is chosen in pass 3."""
-    if "driver" in opts and "format" in opts:
-        raise OptionError("Cannot specify both 'driver' and 'format'")
-    if "readonly" in opts and "read-only" in opts:
-        raise OptionError("'read-only' and its alias 'readonly' can't be used at the same time")
-    flat = {("read-only" if k == "readonly" else k): v for k, v in opts.items()}
-    bools = {k: qo.parse_bool(k, flat[k]) for k in _DRIVE_BOOLS.split() if k in flat}
-    interface = flat.get("if", "ide")
-    if interface not in ("virtio", "none"):
-        if interface in _IF_NAMES:
-            raise OptionError(
-                f"if={interface} is not supported by bitbackd: use if=virtio or if=none"
-            )
-        raise OptionError(f"unsupported bus type '{interface}'")
-    naming: dict[str, int] = {
-        k: _c_int(qo.parse_number(k, flat[k])) for k in ("index", "bus", "unit") if k in flat
-    }
-    for key in flat:
-        if key.startswith(_DRIVE_REFUSED):
-            raise OptionError(f"bitbackd does not support the -drive option '{key}'")
-    werror, rerror = flat.get("werror", "enospc"), flat.get("rerror", "report")
-    if werror not in ("ignore", "enospc", "stop", "report"):
-        raise OptionError(f"'{werror}' invalid write error action")
-    if rerror not in ("ignore", "stop", "report"):
-        raise OptionError(f"'{rerror}' invalid read error action")
-    if flat.get("cache", "writeback") not in _CACHE_MODES:
-        raise OptionError("invalid cache option")
-    direct, no_flush, writeback = _CACHE_MODES[flat.get("cache", "writeback")]
-    cache = CacheOptions(
-        bools.get("cache.direct", direct),
-        bools.get("cache.no-flush", no_flush),
-        bools.get("cache.writeback", writeback),
-    )
-    aio = flat.get("aio", "threads")
-    if aio not in ("threads", "native", "io_uring"):
-        raise OptionError("invalid aio option")
-    discard = _DISCARD.get(flat.get("discard", "ignore"))
-    if discard is None:
-        raise OptionError("Invalid discard option")
-    detect_zeroes = flat.get("detect-zeroes", "off")
-    if detect_zeroes not in ("off", "on", "unmap"):
-        raise OptionError(f"invalid parameter value: {detect_zeroes}")
-    if aio == "native" and not cache.direct:
-        raise OptionError(
-            "aio=native was specified, but it requires cache.direct=on, which was not specified."
-        )
-    read_only = bools.get("read-only", False)
-    if bools.get("force-share", False) and not read_only:
-        raise OptionError("force-share=on can only be used with read-only images")
-    fmt = flat.get("format", flat.get("driver"))
-    if fmt is not None and fmt not in _FORMAT_OPTIONS:
-        if fmt in _QEMU_FORMATS:
-            raise OptionError(f"bitbackd does not support the block format '{fmt}'")
-        raise OptionError(f"Unknown driver '{fmt}'")
-    if fmt is not None and "file" not in flat:
-        raise OptionError('A block device must be specified for "file"')
-    node_name = flat.get("node-name")
-    if node_name is not None and not qo.id_wellformed(node_name):
-        raise OptionError(f"Invalid node-name: '{node_name}'")
-    if node_name is not None and len(node_name) > 31:
-        raise OptionError("Node name too long")
-    format_options = {k: v for k, v in flat.items() if k not in _DRIVE_KEYS}
-    err = _format_option_error(fmt, format_options) if fmt is not None else None
-    if err is not None:
-        raise err
-    spec = DriveSpec(
-        drive_id or "", interface, flat.get("file"), fmt, node_name, read_only,
-        bools.get("auto-read-only", False), bools.get("force-share", False), cache, aio,
-        discard, detect_zeroes, werror, rerror, format_options, opts, loc,
-    )  # fmt: skip
-    return spec, naming
-
-
-_DEVICE_DRIVERS = {
-    "virtio-blk": "virtio-blk-pci",
-    "virtio-blk-pci": "virtio-blk-pci",
-    "virtio-blk-device": "virtio-blk-device",
-}
-_DEVICE_PROPERTIES = _words(
-    "drive serial bootindex share-rw write-cache logical_block_size physical_block_size "
-    "discard write-zeroes num-queues queue-size iothread bus addr"
-)
-
-
-def _device(device_id: str | None, opts: dict[str, str], loc: str) -> DeviceSpec:
-    """Check one ``-device``: a virtio-blk with a ``drive``; other properties are recorded."""
-    driver = opts.pop("driver", None)
-    if driver is None:
-        raise OptionError("Parameter 'driver' is missing")
-    if driver in ("help", "?"):
-        raise OptionError("Help is not available for this option")
-    canonical = _DEVICE_DRIVERS.get(driver)
-    if canonical is None:
-        raise OptionError(f"bitbackd supports only virtio-blk devices, not '{driver}'")
-    for key in opts:
-        if key not in _DEVICE_PROPERTIES:
-            raise OptionError(f"Property '{canonical}.{key}' not found")
-    drive = opts.pop("drive", None)
-    if drive is None:
-        raise OptionError("drive property not set")
-    return DeviceSpec(canonical, drive, device_id, opts, False, loc)
 
 
 # ---------------------------------------------------------------------------------------------
