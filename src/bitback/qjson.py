@@ -8,7 +8,9 @@ Two things make QEMU's output differ from :func:`json.dumps`:
   insertion order (which must be QAPI's field order, as QEMU's visitor inserts them);
 * strings escape everything outside printable ASCII as ``\\uXXXX`` with upper-case hex.
 
-Layout: four spaces per level, ``"key": value``, ``{}``/``[]`` when empty.
+Layout: four spaces per level, ``"key": value``; an empty container still gets its closing
+bracket on a line of its own (``"flags": [`` newline, indent, ``]``), as QEMU's JSON writer
+puts a newline before every closing bracket.
 
 >>> print(dumps_pretty({"filename": "a", "virtual-size": 1}))
 {
@@ -83,24 +85,16 @@ def _dump(obj: object, level: int, out: list[str]) -> None:
     elif isinstance(obj, str):
         out.append(quote(obj))
     elif isinstance(obj, dict):
-        if not obj:
-            out.append("{}")
-            return
-        out.append("{\n")
+        out.append("{")
         for n, key in enumerate(qdict_order(obj)):
-            if n:
-                out.append(",\n")
+            out.append(",\n" if n else "\n")
             out.append(f"{pad}{quote(key)}: ")
             _dump(obj[key], level + 1, out)
         out.append("\n" + "    " * level + "}")
     elif isinstance(obj, (list, tuple)):
-        if not obj:
-            out.append("[]")
-            return
-        out.append("[\n")
+        out.append("[")
         for n, item in enumerate(obj):
-            if n:
-                out.append(",\n")
+            out.append(",\n" if n else "\n")
             out.append(pad)
             _dump(item, level + 1, out)
         out.append("\n" + "    " * level + "]")

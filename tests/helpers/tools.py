@@ -1,9 +1,11 @@
 """Where the tools under test and the reference tools live.
 
 The reference tools are QEMU 7.2's ``qemu-img``, ``qemu-io`` and ``qemu-system-x86_64``, found
-on ``PATH`` or named by ``QEMU_IMG`` / ``QEMU_IO`` / ``QEMU_SYSTEM``. Our own tools are the
-console scripts installed next to the running interpreter (the project's virtualenv), or, when
-the project is not installed that way, ``python -m`` of their CLI modules.
+on ``PATH`` or named by ``QEMU_IMG`` / ``QEMU_IO`` / ``QEMU_SYSTEM``; tests of persistent
+bitmaps also use ``qemu-nbd``, ``qemu-storage-daemon`` and libnbd's ``nbdinfo`` (``QEMU_NBD`` /
+``QEMU_STORAGE_DAEMON`` / ``NBDINFO``). Our own tools are the console scripts installed next
+to the running interpreter (the project's virtualenv), or, when the project is not installed
+that way, ``python -m`` of their CLI modules.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ QEMU_TOOLS: dict[str, tuple[str, str, str]] = {
     "qemu_img": ("qemu-img", "QEMU_IMG", "qemu-utils"),
     "qemu_io": ("qemu-io", "QEMU_IO", "qemu-utils"),
     "qemu_system": ("qemu-system-x86_64", "QEMU_SYSTEM", "qemu-system-x86"),
+    "qemu_nbd": ("qemu-nbd", "QEMU_NBD", "qemu-utils"),
+    "qemu_storage_daemon": ("qemu-storage-daemon", "QEMU_STORAGE_DAEMON", "qemu-system-common"),
+    "nbdinfo": ("nbdinfo", "NBDINFO", "libnbd-bin"),  # libnbd's, reads qemu-nbd's bitmaps
 }
 
 _CLI_MODULES = {

@@ -946,9 +946,7 @@ def test_blkdebug_chain_filenames(backend: str, solo: Solo, tmp_path: Path) -> N
         assert "actual-size" not in node["image"]
 
 
-@pytest.mark.parametrize("backend", on_both(
-    "persistent bitmaps are not implemented: add_bitmap (src/bitback/block/dirty_bitmaps.py) "
-    "refuses persistent=true; QEMU accepts it on a qcow2 node and stores the bitmap at quit"))
+@pytest.mark.parametrize("backend", ["bitback", "qemu"])
 def test_persistent_bitmap(backend: str, solo: Solo, qemu_img: str, tmp_path: Path) -> None:
     vm = solo(backend)
     assert vm.qmp("block-dirty-bitmap-add", node="drive0", name="p1", persistent=True) == {

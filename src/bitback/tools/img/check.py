@@ -11,6 +11,8 @@ clusters only, 63 format without checks.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Literal
 
@@ -65,6 +67,18 @@ def print_result(result: CheckResult, output: str, quiet: bool) -> None:
     sys.stdout.flush()
 
 
+def _require_writable(filename: str) -> None:
+    """Fail as QEMU's read-write open fails when the file cannot be written."""
+    try:
+        os.close(os.open(filename, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        raise OpenFailed(
+            f"Could not open '{filename}': Could not open '{filename}': {os.strerror(err)}",
+            path=filename, errno_=err,
+        ) from exc
+
+
 def img_check(argv: list[str]) -> int:
     """``check [-f fmt] [--output=human|json] [-r leaks|all] [-q] FILE``."""
     opts, operands = getopt(argv, SPEC)
@@ -98,8 +112,18 @@ def img_check(argv: list[str]) -> int:
         raise UsageError("Expecting one image file name")
     filename = operands[0]
     check_cache(cache, source=True)
-    with open_img(filename, fmt, read_only=repair is None, allow_corrupt=True) as node:
+    # QEMU opens the image read-write for a repair, but with BDRV_O_CHECK: no automatic
+    # repair of a dirty image first, and its persistent bitmaps are only rewritten when it
+    # closes the image after the check. The checker works on the file, so a qcow2 image is
+    # opened read-only here (nothing may change under the checker) and only its
+    # writability is tested; other formats are opened as QEMU opens them.
+    with open_img(filename, fmt, allow_corrupt=True, warn_stale_bitmaps=False) as node:
         fmt_name = node.format_name
+    if repair is not None:
+        if fmt_name == "qcow2":
+            _require_writable(filename)
+        else:
+            open_img(filename, fmt, read_only=False).close()
     if fmt_name != "qcow2":
         report("This image format does not support checks")
         return EXIT_UNSUPPORTED

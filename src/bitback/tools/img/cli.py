@@ -23,6 +23,12 @@ Command = Callable[[list[str]], int]
 # name -> (module, syntax line of the help text). Modules are imported on use, so a quick
 # ``info`` does not pay for loading the checker or the converter.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bitmap": (
+        "bitmap",
+        "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... "
+        "[-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [-f fmt] "
+        "filename bitmap",
+    ),
     "check": (
         "check",
         "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
@@ -34,7 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "convert": (
         "convert",
-        "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
+        "convert [--bitmaps [--skip-broken-bitmaps]] [-U] [-c] [-p] [-q] [-n] [-f fmt] "
+        "[-t cache] [-T src_cache] [-O output_fmt] "
         "[-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] "
         "filename [filename2 [...]] output_filename",
     ),
@@ -103,11 +110,22 @@ Command parameters:
   '-n' skips the target volume creation (useful if the volume is created
        prior to running qemu-img)
 
+Parameters to bitmap subcommand:
+  'bitmap' names the bitmap the actions work on, in the order given: '--add',
+       '--remove', '--clear', '--enable', '--disable', or '--merge source'
+  '-g granularity' is the granularity of a bitmap made by '--add'
+  '-b source' and '-F src_fmt' name the image (and its format) holding the
+       bitmaps that '--merge' reads, when it is not the image itself
+
 Parameters to check subcommand:
   '-r' tries to repair any inconsistencies that are found during the check.
        '-r leaks' repairs only cluster leaks, whereas '-r all' fixes all
        kinds of errors, with a higher risk of choosing the wrong fix or
        hiding corruption that has already occurred.
+
+Parameters to convert subcommand:
+  '--bitmaps' copies every persistent bitmap of the (single) source image to the
+       target; '--skip-broken-bitmaps' leaves out the inconsistent ones
 
 Parameters to compare subcommand:
   '-f' first image format

@@ -12,7 +12,11 @@ so the target is allocated where qemu-img would allocate it:
   backing file is copied; the rest is left unallocated so the target's backing shows
   through (qemu-img assumes the two backing files hold the same data);
 * ``-c`` writes whole clusters through the driver's ``write_compressed``; an all-zero
-  cluster is not written.
+  cluster is not written;
+* ``--bitmaps`` copies the source's persistent bitmaps once the data is there
+  (:func:`bitback.tools.img.bitmap.copy_bitmaps`), after checking, in qemu-img's order, that
+  there is one source, that it can hold bitmaps and (without ``--skip-broken-bitmaps``) that
+  none is inconsistent, and that the target can store them.
 
 Sizes are in 512-byte sectors internally, as in QEMU: every source counts with its size
 rounded up to a sector, and the target is created with the sum.
@@ -32,6 +36,7 @@ from bitback.block.chain import readinto, status_above, virtual_size
 from bitback.block.driver import BlockDriver
 from bitback.block.open import ignore_flushes
 from bitback.errors import BitbackError, ImageFormatError, InvalidArgumentError
+from bitback.tools.img.bitmap import check_source_bitmaps, check_target_bitmaps, copy_bitmaps
 from bitback.tools.img.create import (
     has_help_option,
     make_qcow2,
@@ -58,7 +63,12 @@ REQUEST_MAX_SECTORS = 0x7FFFFFFF >> 9
 
 SPEC = OptSpec(
     "hf:O:B:CcF:o:S:pt:T:qnm:WUr:",
-    {"help": (False, "h"), "target-is-zero": (False, "target-is-zero")},
+    {
+        "help": (False, "h"),
+        "target-is-zero": (False, "target-is-zero"),
+        "bitmaps": (False, "bitmaps"),
+        "skip-broken-bitmaps": (False, "skip-broken-bitmaps"),
+    },
 )
 
 
@@ -371,6 +381,8 @@ class _Args:
     target_is_zero: bool = False
     cache: str | None = None
     src_cache: str | None = None
+    bitmaps: bool = False
+    skip_broken: bool = False
 
 
 def _parse(argv: list[str]) -> tuple[_Args, list[str]]:
@@ -422,14 +434,20 @@ def _parse(argv: list[str]) -> tuple[_Args, list[str]]:
             cvtnum("rate limit", value)  # accepted; bitback does not throttle
         elif key == "target-is-zero":
             a.target_is_zero = True
+        elif key == "bitmaps":
+            a.bitmaps = True
+        elif key == "skip-broken-bitmaps":
+            a.skip_broken = True
         # -C (copy offloading), -W (out-of-order writes), -U: accepted, no effect here
     return a, operands
 
 
 def img_convert(argv: list[str]) -> int:
-    """``convert [-f fmt] [-O fmt] [-o opts] [-B backing [-F fmt]] [-c] [-S size] [-n]
-    [-p] [-q] SRC... DST``."""
+    """``convert [--bitmaps [--skip-broken-bitmaps]] [-f fmt] [-O fmt] [-o opts]
+    [-B backing [-F fmt]] [-c] [-S size] [-n] [-p] [-q] SRC... DST``."""
     a, operands = _parse(argv)
+    if a.skip_broken and not a.bitmaps:
+        raise InvalidArgumentError("Use of --skip-broken-bitmaps requires --bitmaps")
     out_fmt = a.out_fmt or "raw"
     if a.skip_create and a.options:
         raise InvalidArgumentError("-o has no effect when skipping image creation")
@@ -449,11 +467,13 @@ def img_convert(argv: list[str]) -> int:
         for name in operands[:-1]:
             sources.append(open_img(name, a.fmt))
         total = sum(virtual_size(s) for s in sources)
-        backing = _create_target(a, out_fmt, out_filename, total, len(sources))
+        backing = _create_target(a, out_fmt, out_filename, total, sources)
         check_cache(a.cache)
         with open_img(out_filename, out_fmt, read_only=False) as target:
             if (a.cache or "unsafe") == "unsafe":  # qemu-img convert's default cache mode
                 ignore_flushes(target)
+            if a.bitmaps:
+                check_target_bitmaps(target)
             if a.compressed and getattr(target, "write_compressed", None) is None:
                 raise InvalidArgumentError("Compression not supported for this file format")
             if a.skip_create and virtual_size(target) < total:
@@ -469,6 +489,8 @@ def img_convert(argv: list[str]) -> int:
                 min_sparse=a.min_sparse,
             )
             run_convert(plan, meter)
+            if a.bitmaps:
+                copy_bitmaps(sources[0], target, a.skip_broken)
         meter.print(100, 0)
     finally:
         for node in sources:
@@ -477,8 +499,14 @@ def img_convert(argv: list[str]) -> int:
     return 0
 
 
-def _create_target(a: _Args, out_fmt: str, filename: str, total: int, nsrc: int) -> str | None:
-    """Create the target unless ``-n``; returns the target's backing file name, if any."""
+def _create_target(
+    a: _Args, out_fmt: str, filename: str, total: int, sources: Sequence[BlockDriver]
+) -> str | None:
+    """Create the target unless ``-n``; returns the target's backing file name, if any.
+
+    ``--bitmaps``'s checks of the source come right before the creation, as in qemu-img.
+    """
+    nsrc = len(sources)
     out_base = a.out_base
     if not a.skip_create:
         opts = parse_create_options(out_fmt, a.options)
@@ -514,6 +542,8 @@ def _create_target(a: _Args, out_fmt: str, filename: str, total: int, nsrc: int)
             raise InvalidArgumentError(
                 "Compression and preallocation not supported at the same time"
             )
+        if a.bitmaps:
+            check_source_bitmaps(sources, a.skip_broken)
         try:
             if out_fmt == "qcow2":
                 make_qcow2(filename, total, opts)
@@ -533,4 +563,6 @@ def _create_target(a: _Args, out_fmt: str, filename: str, total: int, nsrc: int)
             "Having a backing file for the target makes no sense when concatenating "
             "multiple input images"
         )
+    if a.bitmaps:
+        check_source_bitmaps(sources, a.skip_broken)
     return out_base

@@ -3,7 +3,9 @@
 The image is opened without its backing file (a missing backing file is not an error here);
 ``--backing-chain`` then opens each backing file in turn, by its resolved name and stored
 format. JSON keys are QEMU's (``ImageInfo``), in the order its QDict prints them; the human
-form is ``bdrv_image_info_dump``'s, format-specific data included.
+form is ``bdrv_image_info_dump``'s, format-specific data included (for qcow2 images with
+persistent bitmaps, their ``bitmaps`` list: flags, name, granularity). The image is opened as
+QEMU opens it, bitmaps loaded, so a damaged bitmap fails ``info`` as it fails qemu-img's.
 """
 
 from __future__ import annotations

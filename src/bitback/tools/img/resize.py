@@ -9,9 +9,10 @@ QEMU's 64-bit integers, so an absurd size is reported as not positive. Shrinking
 
 from __future__ import annotations
 
+from bitback.bitmaps import BitmapInconsistentError
 from bitback.block.chain import virtual_size
-from bitback.errors import InvalidArgumentError
-from bitback.tools.img.images import open_img, report
+from bitback.errors import BitbackError, InvalidArgumentError
+from bitback.tools.img.images import error_text, open_img, report
 from bitback.tools.img.options import (
     PROG,
     HelpRequested,
@@ -92,7 +93,10 @@ def img_resize(argv: list[str]) -> int:
             raise InvalidArgumentError(
                 f"Preallocation mode '{prealloc}' is not supported by {PROG}"
             )
-        node.truncate(total, shrink=shrink)
+        try:
+            node.truncate(total, shrink=shrink)
+        except BitmapInconsistentError as exc:
+            raise BitbackError(error_text(exc)) from exc
         node.flush()
     if not quiet:
         print("Image resized.")

@@ -29,6 +29,7 @@ from bitback.block.driver import BlockDriver
 from bitback.block.open import open_image
 from bitback.errors import BitbackError, InvalidArgumentError
 from bitback.tools.common import run_tool
+from bitback.tools.img.images import load_bitmaps
 
 from .commands import COMMAND_TABLE
 from .parsing import GetOpt, GetOptError
@@ -145,6 +146,13 @@ def open_device(opts: Options, err: TextIO) -> BlockDriver:
     try:
         driver = open_image(opts.filename, opts.fmt, read_only=opts.read_only)
     except BitbackError as exc:
+        raise BitbackError(f"can't open device {opts.filename}: {exc}", path=opts.filename) \
+            from exc
+    try:
+        # QEMU loads persistent bitmaps while it opens the image: a damaged one fails here.
+        load_bitmaps(driver, prog=PROG, err=err)
+    except BitbackError as exc:
+        driver.close()
         raise BitbackError(f"can't open device {opts.filename}: {exc}", path=opts.filename) \
             from exc
     if opts.fmt is None and driver.format_name == "raw":

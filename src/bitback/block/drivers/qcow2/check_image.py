@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from bitback.block.drivers.qcow2.create import MAX_L1_BYTES, MAX_REFTABLE_BYTES
 from bitback.errors import ImageFormatError, IOFailedError, UnsupportedFeatureError
+from bitback.formats.qcow2.bitmaps import BitmapsExtension, decode_extension
 from bitback.formats.qcow2.entries import decode_refblock, decode_table, encode_refblock
 from bitback.formats.qcow2.header import (
     AUTOCLEAR_BITMAPS,
@@ -44,17 +45,15 @@ from bitback.formats.qcow2.header import (
 
 __all__ = [
     "INCOMPAT_FIELD_OFFSET",
-    "MAX_BITMAPS",
-    "MAX_BITMAP_DIRECTORY",
     "MAX_SNAPSHOTS",
     "REFTABLE_FIELDS_OFFSET",
     "REFT_OFFSET_MASK",
     "REFT_RESERVED",
-    "BitmapsExtension",
     "CheckImage",
     "Snapshot",
     "StoredRefcounts",
     "read_snapshots",
+    "stale_bitmaps_warning",
 ]
 
 U64Array = npt.NDArray[np.uint64]
@@ -64,21 +63,10 @@ REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 REFT_RESERVED = 0x1FF
 MAX_SNAPSHOTS = 65536
 SNAPSHOT_HEADER_SIZE = 40
-MAX_BITMAPS = 65535
-MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
 _INT64_MAX = (1 << 63) - 1
 # The header field offsets a repair rewrites in place.
 REFTABLE_FIELDS_OFFSET = 48  # u64 refcount_table_offset, u32 refcount_table_clusters
 INCOMPAT_FIELD_OFFSET = 72
-
-
-@dataclass(frozen=True, slots=True)
-class BitmapsExtension:
-    """The bitmaps header extension: where the bitmap directory is."""
-
-    nb_bitmaps: int
-    directory_size: int
-    directory_offset: int
 
 
 class CheckImage:
@@ -243,36 +231,26 @@ class CheckImage:
         if not self.header.autoclear_features & AUTOCLEAR_BITMAPS:
             # A program that does not know bitmaps wrote the image: QEMU ignores the extension
             # (its clusters then show up as leaks) and says so.
-            if self.header.version < 3:
-                what = ("This qcow2 v2 image contains bitmaps, but they may have been modified by "
-                        "a program without persistent bitmap support; so now they must all be "
-                        "considered inconsistent")
-            else:
-                what = ("a program lacking bitmap support modified this file, so all bitmaps "
-                        "are now considered inconsistent")
-            self.warnings.append(f"bitback-img: warning: {what}")
-            self.warnings.append(
-                "Some clusters may be leaked, run 'bitback-img check -r' on the image file to fix."
-            )
+            self.warnings.extend(stale_bitmaps_warning(self.header.version, "bitback-img"))
             return None
-        nb, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", ext.data)
-        if reserved:
-            raise ImageFormatError("bitmaps_ext: Reserved field is not zero")
-        if nb > MAX_BITMAPS:
-            raise ImageFormatError(
-                f"bitmaps_ext: File {self.path} has {nb} bitmaps, exceeding the QEMU supported "
-                f"maximum of {MAX_BITMAPS}"
-            )
-        if nb == 0:
-            raise ImageFormatError("found bitmaps extension with zero bitmaps")
-        if dir_offset % self.cluster_size:
-            raise ImageFormatError("bitmaps_ext: invalid bitmap directory offset")
-        if dir_size > MAX_BITMAP_DIRECTORY:
-            raise ImageFormatError(
-                f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum supported "
-                f"size ({MAX_BITMAP_DIRECTORY})"
-            )
-        return BitmapsExtension(nb, dir_size, dir_offset)
+        return decode_extension(ext.data, self.cluster_size, self.path)
+
+
+def stale_bitmaps_warning(version: int, prog: str) -> list[str]:
+    """The two lines QEMU prints when it opens an image whose bitmaps extension lost its
+    autoclear bit (``prog`` names the tool; the advice always names ``bitback-img``).
+
+    QEMU ends the second line without a newline; callers printing to a terminal do the same.
+    """
+    if version < 3:
+        what = ("This qcow2 v2 image contains bitmaps, but they may have been modified by a "
+                "program without persistent bitmap support; so now they must all be considered "
+                "inconsistent")
+    else:
+        what = ("a program lacking bitmap support modified this file, so all bitmaps are now "
+                "considered inconsistent")
+    return [f"{prog}: warning: {what}",
+            "Some clusters may be leaked, run 'bitback-img check -r' on the image file to fix."]
 
 
 def _validate_table(

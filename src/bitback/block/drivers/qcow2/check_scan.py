@@ -52,6 +52,12 @@ from bitback.block.drivers.qcow2.check_image import (
     StoredRefcounts,
 )
 from bitback.block.drivers.qcow2.create import MAX_L1_BYTES
+from bitback.errors import ImageFormatError
+from bitback.formats.qcow2.bitmaps import (
+    TABLE_OFFSET_MASK,
+    decode_directory,
+    invalid_table_entries,
+)
 from bitback.formats.qcow2.entries import (
     COPIED,
     L1_OFFSET_MASK,
@@ -69,13 +75,6 @@ I64Array = npt.NDArray[np.int64]
 U64Array = npt.NDArray[np.uint64]
 
 _BATCH_BYTES = 4 << 20  # L2 tables read and classified together
-BME_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-BME_RESERVED = 0xFF00_0000_0000_01FE
-BME_MAX_TABLE_SIZE = 0x800_0000
-BME_MAX_PHYS_SIZE = 0x2000_0000
-BME_RESERVED_FLAGS = ~0x7
-# table offset, table size, flags, type, granularity bits, name size, extra data size
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 _OVERFLOW_HINT = (
     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
     "clean copy if the image cannot be opened for writing"
@@ -468,56 +467,33 @@ class ReferenceScan:
     # -- bitmaps --------------------------------------------------------------------------
 
     def _check_bitmaps(self) -> None:
-        """Count the bitmap directory, tables and data clusters (autoclear bit 0 set only)."""
+        """Count the bitmap directory, tables and data clusters (autoclear bit 0 set only).
+
+        The directory and the tables go through the one codec
+        (:mod:`bitback.formats.qcow2.bitmaps`), so the checker refuses exactly what the
+        driver refuses to load; QEMU fails such a check as "Invalid argument".
+        """
         ext = self.img.bitmaps
         if ext is None:
             return
         self._ref_one(ext.directory_offset, ext.directory_size)
-        for table_offset, table_size in self._bitmap_directory():
+        raw = self.img.read(ext.directory_offset, ext.directory_size)
+        try:
+            entries = decode_directory(raw, ext, cluster_size=self.cs,
+                                       disk_size=self.img.header.size)
+        except ImageFormatError:
+            self.res.corruptions += 1
+            raise CheckFailed(errno.EINVAL) from None
+        for entry in entries:
             seq = self._reserve(1)
-            self._ref_one(table_offset, table_size * 8, seq)
-            table = self.img.read_table(table_offset, table_size)
-            offsets = table & np.uint64(BME_OFFSET_MASK)
-            invalid = ((table & np.uint64(BME_RESERVED)) != 0) | (
-                (offsets != 0)
-                & (((table & np.uint64(1)) != 0) | (offsets % np.uint64(self.cs) != 0))
-            )
-            if bool(invalid.any()):  # QEMU fails to load the table: the check fails
+            self._ref_one(entry.table_offset, entry.table_size * 8, seq)
+            table = self.img.read_table(entry.table_offset, entry.table_size)
+            if invalid_table_entries(table, self.cs):  # QEMU fails to load the table
                 self.res.corruptions += 1
                 raise CheckFailed(errno.EINVAL)
+            offsets = table & np.uint64(TABLE_OFFSET_MASK)
             used = offsets[offsets != 0].astype(np.int64)
             self._add(used, np.full(used.size, self.cs, np.int64), np.full(used.size, seq))
-
-    def _bitmap_directory(self) -> list[tuple[int, int]]:
-        """(table offset, table entries) per bitmap; a malformed directory fails the check."""
-        ext = self.img.bitmaps
-        assert ext is not None
-        raw = self.img.read(ext.directory_offset, ext.directory_size)
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < len(raw):
-            if pos + _BITMAP_ENTRY.size > len(raw) or len(out) >= ext.nb_bitmaps:
-                break
-            t_off, t_size, flags, typ, gran, name_size, extra = _BITMAP_ENTRY.unpack_from(
-                raw, pos
-            )
-            pos += (_BITMAP_ENTRY.size + extra + name_size + 7) & ~7
-            bad = (
-                pos > len(raw) or extra != 0 or t_size == 0 or t_off == 0
-                or t_off % self.cs != 0 or t_size > BME_MAX_TABLE_SIZE
-                or t_size * self.cs > BME_MAX_PHYS_SIZE or not 9 <= gran <= 31
-                or flags & BME_RESERVED_FLAGS or name_size > 1023 or typ != 1
-                # a consistent (not in_use) bitmap must cover the whole disk
-                or (not flags & 1 and self.img.header.size > (t_size * self.cs * 8) << gran)
-            )
-            if bad:
-                break
-            out.append((t_off, t_size))
-        else:
-            if len(out) == ext.nb_bitmaps:
-                return out
-        self.res.corruptions += 1
-        raise CheckFailed(errno.EINVAL)
 
     # -- refcount blocks ------------------------------------------------------------------
 

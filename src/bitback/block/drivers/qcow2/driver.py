@@ -790,17 +790,29 @@ class Qcow2Driver(BlockDriver):
         return self.file.allocated_file_size()
 
     def format_specific_info(self) -> dict[str, object]:
+        """``ImageInfoSpecificQCow2``: keys inserted in QAPI order (printers re-sort them).
+
+        ``bitmaps`` lists the bitmap directory as it is on disk (an image opened read-write
+        shows its bitmaps ``in-use``), only when the image has bitmaps; each entry is
+        ``Qcow2BitmapInfo`` (name, granularity, flags).
+        """
         h = self.header
         if h.version < 3:
             return {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
-        return {
+        info: dict[str, object] = {
             "compat": "1.1",
             "compression-type": "zstd" if h.compression_type else "zlib",
             "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
             "refcount-bits": h.refcount_bits,
-            "corrupt": self.corrupt,
-            "extended-l2": False,
         }
+        if self.persistent.entries:
+            info["bitmaps"] = [
+                {"name": e.name, "granularity": e.granularity, "flags": e.info_flags()}
+                for e in self.persistent.entries
+            ]
+        info["corrupt"] = self.corrupt
+        info["extended-l2"] = False
+        return info
 
     def close(self) -> None:
         if self.closed:

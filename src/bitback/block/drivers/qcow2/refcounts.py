@@ -87,10 +87,12 @@ class RefcountTable:
         self._dirty_entries: set[int] = set()
         self._moved_from: tuple[int, int] | None = None  # old (offset, clusters) to free
         self._pending_frees: list[tuple[int, int]] = []
-        # Search hint: allocation looks for free clusters from here. Starting at the end of
-        # the file avoids reading every refcount block of a big image for its first write;
-        # clusters freed later move the hint back down.
-        self._hint = -(-file.length() // self.cluster_size)
+        # Search hint: allocation looks for free clusters from here. Like QEMU, the search
+        # starts at the beginning of the file, so clusters freed by an earlier open (old
+        # bitmap data, dropped tables) are used again instead of growing the file on every
+        # open; the first allocation pays one pass over the refcount blocks up to the first
+        # free cluster, and clusters freed later move the hint back down.
+        self._hint = 0
 
     # -- reading ----------------------------------------------------------------------------
     def _block(self, index: int, *, create: bool) -> U64Array | None:
