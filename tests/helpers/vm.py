@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ class VM:
         self.monitor: QEMUMonitorProtocol | None = None
         self.exitcode: int | None = None
         self.stderr = ""
+        self._accepted = threading.Event()
 
     def launch(self) -> VM:
         self.monitor = QEMUMonitorProtocol(self.sock, server=True)
@@ -65,13 +68,35 @@ class VM:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
+        watcher = threading.Thread(target=self._unblock_if_dead, daemon=True)
+        watcher.start()
         try:
             self.monitor.accept(timeout=self.timeout)
-        except BaseException:
+        except BaseException as exc:
+            died = self.proc.poll() is not None
             self.kill()
+            if died:
+                _, self.stderr = self.proc.communicate(timeout=30)
+                self.exitcode = self.proc.returncode
+                raise RuntimeError(
+                    f"{self.backend} exited with status {self.exitcode} before connecting: "
+                    f"{self.stderr.strip()}"
+                ) from exc
             raise
+        finally:
+            self._accepted.set()
         self.monitor.settimeout(self.timeout)
         return self
+
+    def _unblock_if_dead(self) -> None:
+        """If the process dies before it connects, connect (and hang up) in its place, so
+        that ``accept`` fails at once instead of waiting out its whole timeout."""
+        assert self.proc is not None
+        while not self._accepted.wait(0.05):
+            if self.proc.poll() is not None:
+                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(self.sock)
+                return
 
     def __enter__(self) -> VM:
         return self.launch()
