@@ -847,3 +847,21 @@ def test_merge_is_all_or_nothing(
         f"{2 * MiB}) and can't be merged"
     )
     assert list(x.bits.dirty_extents()) == [(0, CLUSTER)]
+
+
+def test_block_status_through_a_node_sees_the_format(graph: BlockGraph, tmp_path: Path,
+                                                      qemu_img: str) -> None:
+    """Format-specific block status (metadata preallocation: holes in data clusters read as
+    zero, as qemu-img map shows) is the same through a graph node as on the bare driver."""
+    from bitback.block.chain import node_status
+    from bitback.block.open import open_image
+
+    path = tmp_path / "prealloc.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(path),
+         "4M"], check=True)
+    node = graph.add_blockdev(qcow2_opts(path))
+    with open_image(str(path), "qcow2", read_only=True) as bare:
+        want = node_status(bare, 0, 4 << 20)
+    got = node_status(node, 0, 4 << 20)
+    assert (got.zero, got.data, got.length) == (want.zero, want.data, want.length)
+    assert got.zero and got.data  # QEMU's map: "zero": true, "data": true

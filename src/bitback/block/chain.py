@@ -225,6 +225,13 @@ def _driver_extent(node: BlockDriver, offset: int, length: int) -> Extent:
 _PREALLOCATED: weakref.WeakKeyDictionary[BlockDriver, bool] = weakref.WeakKeyDictionary()
 
 
+def _format_driver(node: BlockDriver) -> BlockDriver:
+    """The driver behind ``node``: in bitbackd every driver is wrapped in a graph node, whose
+    ``format_name`` is its own; format-specific decisions must see the driver."""
+    inner = getattr(node, "driver", None)
+    return inner if isinstance(inner, BlockDriver) else node
+
+
 def metadata_preallocated(node: BlockDriver) -> bool:
     """QEMU's ``qcow2_detect_metadata_preallocation``, decided once per open node.
 
@@ -233,6 +240,7 @@ def metadata_preallocated(node: BlockDriver) -> bool:
     its data ranges checked against the file's holes: holes inside data clusters then read
     as zero in block status ("zero": true, "data": true in qemu-img map).
     """
+    node = _format_driver(node)
     cached = _PREALLOCATED.get(node)
     if cached is not None:
         return cached
@@ -254,7 +262,7 @@ def metadata_preallocated(node: BlockDriver) -> bool:
 
 def _recurse_into_file(node: BlockDriver, ext: Extent) -> Extent:
     """The generic layer's ``BDRV_BLOCK_RECURSE`` step for a data extent of ``node``."""
-    file = getattr(node, "file", None)
+    file = getattr(_format_driver(node), "file", None)
     if file is None or ext.host_offset is None:
         return ext
     size = file.length()
@@ -315,7 +323,7 @@ def node_status(node: BlockDriver, offset: int, length: int) -> Extent:
             and metadata_preallocated(node)
         ):
             ext = _recurse_into_file(node, ext)
-    if node.format_name == "raw" and ext.host_offset is None:
+    if _format_driver(node).format_name == "raw" and ext.host_offset is None:
         ext = replace(ext, host_offset=offset)  # raw maps guest offsets 1:1, holes too
     if not ext.allocated:
         below = node.backing
