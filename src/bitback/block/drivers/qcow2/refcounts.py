@@ -212,7 +212,8 @@ class RefcountTable:
         first cluster of a block created for it; such blocks are moved past the run (they
         are not on disk yet, so moving them costs nothing).
         """
-        pos = self._hint
+        # Every cluster before the first free one is in use: the hint may skip them all.
+        pos = self._hint = self._next_free(self._hint)
         while True:
             end = pos + count
             span = range(pos // self.block_entries, (end - 1) // self.block_entries + 1)
@@ -233,7 +234,20 @@ class RefcountTable:
                 if self._hint == pos:
                     self._hint = end
                 return pos
-            pos += int(used[-1]) + 1
+            pos = self._next_free(pos + int(used[-1]) + 1)
+
+    def _next_free(self, pos: int) -> int:
+        """The first cluster at or after ``pos`` whose refcount is 0, found one refcount
+        block at a time (a block that does not exist yet describes only free clusters)."""
+        while True:
+            index, first = divmod(pos, self.block_entries)
+            block = self._block(index, create=False)
+            if block is None:
+                return pos
+            free = np.flatnonzero(block[first:] == 0)
+            if free.size:
+                return pos + int(free[0])
+            pos = (index + 1) * self.block_entries
 
     def _create_block(self, index: int) -> U64Array:
         """Create refcount block ``index``, stored in the first cluster it describes.
