@@ -330,8 +330,13 @@ class BlockGraph:
         held += [b.name or (b.device_id or "") for b in self.backends if b.root is node]
         return held + list(node.users)
 
-    def delete_blockdev(self, node_name: str) -> None:
-        """blockdev-del: only nodes added by blockdev-add, and only while nothing uses them."""
+    def delete_blockdev(self, node_name: str) -> list[BitbackError]:
+        """blockdev-del: only nodes added by blockdev-add, and only while nothing uses them.
+
+        Once the checks pass the node goes, whatever happens while it closes: errors from
+        flushing or storing its bitmaps are returned for the caller to report (QEMU prints
+        them and deletes the node all the same); nothing half-closed stays in the graph.
+        """
         node = self.nodes.get(node_name)
         if node is None:
             raise NotFoundError(f"Failed to find node with node-name='{node_name}'")
@@ -343,7 +348,11 @@ class BlockGraph:
         if self.parents_of(node):
             raise GraphError(f"Block device {node_name} is in use")
         del self.monitor_owned[node_name]
-        self._drop_tree(node)
+        try:
+            self._drop_tree(node)
+        except BitbackError as exc:
+            return [exc]
+        return []
 
     def release_node(self, node: BlockNode) -> list[BitbackError]:
         """Flush and close a node the daemon opened for itself (a backup target), and
@@ -367,9 +376,12 @@ class BlockGraph:
                 del self.nodes[name]
 
     def _drop_tree(self, node: BlockNode) -> None:
-        """Close ``node`` and forget every node that closing it closed."""
-        node.close()
-        self._forget_closed()
+        """Close ``node`` and forget every node that closing it closed (also when closing
+        fails half-way: a closed node must never stay reachable)."""
+        try:
+            node.close()
+        finally:
+            self._forget_closed()
 
     def close_all(self) -> list[BitbackError]:
         """Flush and close everything (quit, SIGTERM). Errors are collected, not raised, so

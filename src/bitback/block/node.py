@@ -180,7 +180,9 @@ class BlockNode(BlockDriver):
 
     def truncate(self, size: int, *, shrink: bool = False) -> None:
         """Resize the node; attached bitmaps follow (new area clean, bits past a smaller end
-        dropped)."""
+        dropped). A resize counts as a write, to any size, the same one too: the next flush
+        raises ``flush_to_disk`` (QEMU's truncate ends like a write request)."""
+        self.write_gen += 1
         self.driver.truncate(size, shrink=shrink)
         for bitmap in self.bitmaps:
             bitmap.resize(self.length())

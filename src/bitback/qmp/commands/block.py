@@ -4,6 +4,7 @@ and the virtio-blk front ends of device_add/device_del."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 from bitback.block.graph import BlockBackend, BlockGraph, GraphError
@@ -36,7 +37,10 @@ async def blockdev_add(ctx: QMPContext, args: dict[str, Any]) -> object:
 
 @REGISTRY.command("blockdev-del", Struct("BlockdevDel", [Member("node-name", STR)]))
 async def blockdev_del(ctx: QMPContext, args: dict[str, Any]) -> object:
-    await ctx.block(ctx.graph.delete_blockdev, args["node-name"])
+    # A failure to flush while closing does not keep the node (QEMU reports it on stderr
+    # and deletes the node all the same).
+    for exc in await ctx.block(ctx.graph.delete_blockdev, args["node-name"]):
+        print(f"bitbackd: closing {args['node-name']}: {exc}", file=sys.stderr)
     return {}
 
 
