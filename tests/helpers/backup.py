@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.imagetools import CHECK_CLEAN, check_image, compare, create
+from helpers.imagetools import CHECK_CLEAN, check_image, compare, create, strip_timing
 from helpers.seedsetup import HarnessVM, granule_sha256
 
 __all__ = [
@@ -170,6 +170,29 @@ class BackupVM(HarnessVM):
             text = "\n".join(line for line in text.splitlines()
                              if not line.startswith("Formatting '"))
         return text
+
+    def io_output(self, device: str, command: str) -> str:
+        """Everything HMP ``qemu-io DEVICE "COMMAND"`` answered, wherever the backend put
+        it, as :meth:`io` shapes it: QEMU 7.2 prints qemu-io's output on its stdout but
+        returns what the monitor itself refuses (a permission conflict, an unknown device)
+        as the reply; bitbackd returns both in the reply and prints nothing."""
+        reply = self.qemu_io(device, command).replace("\r\n", "\n")
+        printed = self._new_stdout()
+        if self.backend == "qemu":
+            printed = "\n".join(line for line in printed.splitlines()
+                                 if not line.startswith("Formatting '"))
+            text = reply + printed
+        else:
+            assert printed == "", f"bitbackd printed {printed!r} for qemu-io {command!r}"
+            text = reply
+        return strip_timing(text)
+
+    def skip_printed(self) -> str:
+        """What the process printed since the last HMP ``qemu-io`` output was read, which
+        :meth:`io` and :meth:`io_output` will then not see: messages a QMP command made it
+        print (QEMU's ``Formatting ...`` for a target drive-backup creates, a flush that
+        failed when a node was deleted)."""
+        return self._new_stdout()
 
     def write(self, device: str, patterns: Iterable[tuple[str, str, str]], *,
               flush: bool = True) -> None:

@@ -207,6 +207,12 @@ def plan_drive_backup(graph: BlockGraph, registry: JobRegistry, args: dict[str, 
     (``existing``) here and closed when the job ends."""
     device = args["device"]
     source = graph.lookup(device, device)
+    # QEMU 7.2's "early check to avoid creating target": a busy source is refused before the
+    # target is made and before any bitmap check (found by test_random_programs.py).
+    if source.users:
+        raise InvalidArgumentError(
+            f"Node '{device_or_node_name(graph, source)}' is busy: {source.users[0]}"
+        )
     job_id = _default_job_id(graph, device, args)
     mode = args.get("mode", "absolute-paths")
     sync = args["sync"]
