@@ -20,7 +20,7 @@ the known divergences (:data:`helpers.programs.KNOWN_DIVERGENCES`), each of whic
 strict-xfail reproduction below; the divergences found and fixed keep a small program each
 (:data:`FIXED_PROGRAMS`).
 
-Budget: about 85 s for the module under ``pytest -n 2`` on two cores (200 programs of 8-30
+Budget: about 95 s for the module under ``pytest -n 2`` on two idle cores (200 programs of 8-30
 steps, about 0.8 s each on one core: most of it is the two processes answering; bitbackd's
 start-up, ~0.6 s, is shared by the ``GROUP`` programs of a pair).
 """
