@@ -107,7 +107,7 @@ def _label(event: Event) -> str:
     return f"{short} error" if "error" in data else short
 
 
-def _job_of(event: Event) -> str | None:
+def job_of(event: Event) -> str | None:
     data = event.get("data", {})
     if event["event"] == "JOB_STATUS_CHANGE":
         return str(data["id"])
@@ -125,7 +125,7 @@ def trace(events: Sequence[Event], job_id: str) -> list[str]:
     ``running, paused, running`` right after ``created`` (spec 4.2.1, optional for us); that
     artefact is folded to one ``running``, on either backend.
     """
-    labels = [_label(e) for e in events if _job_of(e) == job_id]
+    labels = [_label(e) for e in events if job_of(e) == job_id]
     if labels[:4] == ["created", "running", "paused", "running"]:
         del labels[1:3]
     return labels
@@ -133,7 +133,7 @@ def trace(events: Sequence[Event], job_id: str) -> list[str]:
 
 def find(events: Sequence[Event], name: str, job_id: str) -> Event:
     """The one event ``name`` of ``job_id`` (fails if there is none or more than one)."""
-    found = [e for e in events if e["event"] == name and _job_of(e) == job_id]
+    found = [e for e in events if e["event"] == name and job_of(e) == job_id]
     assert len(found) == 1, f"{len(found)} {name} events for {job_id}: {found}"
     return found[0]
 

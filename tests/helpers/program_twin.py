@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 
 from bitback.block.chain import open_chain, read, virtual_size
 from bitback.tools.img.create import create_image
-from helpers.backup import BackupVM, Tools
+from helpers.backup import BackupVM, Tools, job_of
 from helpers.procs import run
 from helpers.programs import NodeSpec, Program
 from helpers.vm import BACKENDS
@@ -153,15 +153,6 @@ def normalize(value: Any, workdir: Path) -> Any:
     ``#block<N>``."""
     text = _AUTO_NODE.sub("#block<N>", json.dumps(value).replace(str(workdir), "<DIR>"))
     return json.loads(text)
-
-
-def job_of(event: Event) -> str | None:
-    data = event.get("data", {})
-    if event["event"] == "JOB_STATUS_CHANGE":
-        return str(data["id"])
-    if event["event"].startswith("BLOCK_JOB_"):
-        return str(data["device"])
-    return None
 
 
 def job_summary(events: Iterable[Event], job: str) -> dict[str, Any]:
